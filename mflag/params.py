@@ -1,0 +1,187 @@
+"""The typed schema of ``params.yaml`` and the one loader every stage uses.
+
+Defaults live in ``params.yaml`` only; this module says which keys exist and what type each has.
+An unknown, misspelt or missing key, or a value of the wrong type, is a :class:`ParamsError` that
+names the key and lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from mflag.config import ParamsError, parse, to_dict
+
+DATASETS = ("mimic", "chexpert", "rsna", "siim", "covidx", "objcxr")
+
+
+# ----------------------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class DatasetParams:
+    root: str  # the folder holding the dataset's official layout (see CONTRACTS.md / README)
+    valid_fraction: float  # share of train-pool patients that go to valid (0 where the split is official)
+    test_fraction: float  # share of patients that go to test (only datasets without an official test set)
+
+    def validate(self, prefix: str) -> None:
+        for name in ("valid_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ParamsError(f"params: `{prefix}.{name}` must be in [0, 1), got {value}")
+        if self.valid_fraction + self.test_fraction >= 1.0:
+            raise ParamsError(f"params: `{prefix}.valid_fraction` + `{prefix}.test_fraction` must be < 1")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    image_size: int  # side of the cached square uint8 images
+    max_skip_fraction: float  # largest share of unreadable inputs a preprocess run tolerates
+    workers: int  # worker processes for preprocessing
+    mimic: DatasetParams
+    chexpert: DatasetParams
+    rsna: DatasetParams
+    siim: DatasetParams
+    covidx: DatasetParams
+    objcxr: DatasetParams
+
+
+# ----------------------------------------------------------------------------------------- loss
+@dataclass(frozen=True)
+class LossParams:
+    ortho_weight: float  # weight of the orthogonality term (paper: 1.0)
+    ortho_offdiag_weight: float  # off-diagonal weight inside it (reference code: 0.0051)
+
+
+# ------------------------------------------------------------------------------------ synthetic
+@dataclass(frozen=True)
+class StyleParams:
+    """How one dataset's 'scanner' renders: the acquisition look that makes transfer non-trivial."""
+
+    width: int  # native image width in pixels
+    height: int  # native image height in pixels
+    size_jitter: float  # relative random variation of width and height per image (0 = fixed size)
+    gamma: float  # display gamma applied to the attenuation image
+    contrast: float  # contrast gain around mid grey
+    brightness: float  # offset added after contrast (in [0, 1] intensity units)
+    noise: float  # standard deviation of quantum-like noise
+    blur: float  # Gaussian blur sigma in pixels (detector sharpness)
+    border: float  # width of the collimation border as a fraction of the image side
+    equalize: bool  # histogram-equalised look (some COVIDx sources)
+
+
+@dataclass(frozen=True)
+class SynthCommon:
+    prevalence: dict[str, float]  # finding kind -> probability that an image shows it
+    hedge_prob: float  # probability that a subtle present finding is hedged in the report
+    ap_prob: float  # probability of an AP (portable) rather than PA frontal view
+    style: StyleParams
+
+    def validate(self, prefix: str) -> None:
+        from mflag.synth.world import FINDING_KINDS
+
+        for kind, p in self.prevalence.items():
+            if kind not in FINDING_KINDS:
+                raise ParamsError(
+                    f"params: unknown finding `{prefix}.prevalence.{kind}`. Valid findings: {', '.join(FINDING_KINDS)}"
+                )
+            if not 0.0 <= p <= 1.0:
+                raise ParamsError(f"params: `{prefix}.prevalence.{kind}` must be a probability, got {p}")
+
+
+@dataclass(frozen=True)
+class SynthMimic(SynthCommon):
+    patients: int
+    max_studies: int  # studies per patient are drawn uniformly from 1..max_studies
+    lateral_prob: float  # probability that a study also has a lateral image
+    valid_patients: float  # share of patients in the official `validate` split
+    test_patients: float  # share of patients in the official `test` split
+    p_no_findings: float  # share of reports without a FINDINGS section
+    p_no_impression: float  # share of reports without an IMPRESSION section
+
+
+@dataclass(frozen=True)
+class SynthChexpert(SynthCommon):
+    train_patients: int
+    valid_patients: int  # patients of the official valid.csv
+    max_studies: int
+    lateral_prob: float
+
+
+@dataclass(frozen=True)
+class SynthRsna(SynthCommon):
+    patients: int
+
+
+@dataclass(frozen=True)
+class SynthSiim(SynthCommon):
+    images: int
+    sixteen_bit_prob: float  # share of DICOMs stored as 16-bit with a rescale and a VOI window
+    monochrome1_prob: float  # share of DICOMs stored inverted (MONOCHROME1)
+
+
+@dataclass(frozen=True)
+class SynthCovidx(SynthCommon):
+    train_images: int
+    test_images: int
+    class_mix: dict[str, float]  # normal / pneumonia / COVID-19 -> share
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if sorted(self.class_mix) != sorted(("normal", "pneumonia", "COVID-19")):
+            raise ParamsError(f"params: `{prefix}.class_mix` must have exactly normal, pneumonia, COVID-19")
+
+
+@dataclass(frozen=True)
+class SynthObjcxr(SynthCommon):
+    train_images: int
+    dev_images: int
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    seed: int  # the corpus' own seed: changing the training seed does not regenerate the data
+    out_dir: str  # where the corpus is written (one folder per dataset key)
+    workers: int
+    mimic: SynthMimic
+    chexpert: SynthChexpert
+    rsna: SynthRsna
+    siim: SynthSiim
+    covidx: SynthCovidx
+    objcxr: SynthObjcxr
+
+
+# ----------------------------------------------------------------------------------------- root
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    data: DataParams
+    loss: LossParams
+    synthetic: SyntheticParams
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    """Read and check a params file. Raises ParamsError (naming the key) on any mismatch."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params: file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"params: {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params: {path} must hold a mapping at the top level")
+    return parse(Params, raw)
+
+
+def load_or_exit(path: str | Path = "params.yaml") -> Params:
+    """`load` for stage scripts: a bad params file ends the stage with the message, not a traceback."""
+    try:
+        return load(path)
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+__all__ = ["DATASETS", "Params", "ParamsError", "load", "load_or_exit", "to_dict"]

@@ -1,0 +1,58 @@
+"""Shared test helpers: the repository's params with small overrides, and a tiny synthetic corpus."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mflag.config import parse
+from mflag.params import Params
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A corpus small enough to build in a couple of seconds, with every finding and file variant present.
+TINY_SYNTHETIC = {
+    "workers": 2,
+    "mimic": {"patients": 14, "lateral_prob": 0.5, "valid_patients": 0.2, "test_patients": 0.2,
+              "p_no_findings": 0.2, "p_no_impression": 0.2, "hedge_prob": 0.4,
+              "prevalence": {"consolidation": 0.4, "atelectasis": 0.3, "effusion": 0.4, "cardiomegaly": 0.3,
+                             "edema": 0.3, "pneumothorax": 0.3, "covid": 0.2, "nodule": 0.3, "device": 0.3,
+                             "foreign_object": 0.2}},
+    "chexpert": {"train_patients": 10, "valid_patients": 4, "lateral_prob": 0.4, "hedge_prob": 0.4},
+    "rsna": {"patients": 24, "prevalence": {"consolidation": 0.6, "effusion": 0.2, "device": 0.2}},
+    "siim": {"images": 24, "sixteen_bit_prob": 0.35, "monochrome1_prob": 0.35,
+             "prevalence": {"pneumothorax": 0.6, "device": 0.2}},
+    "covidx": {"train_images": 14, "test_images": 6},
+    "objcxr": {"train_images": 14, "dev_images": 6},
+}  # fmt: skip
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "prevalence":
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def repo_params_dict() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def params_with(override: dict) -> Params:
+    return parse(Params, deep_merge(repo_params_dict(), override))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """The tiny corpus, generated once per test session."""
+    from mflag.synth.corpus import generate
+
+    out = tmp_path_factory.mktemp("corpus")
+    generate(params_with({"synthetic": TINY_SYNTHETIC}).synthetic, out, progress=False)
+    return out
