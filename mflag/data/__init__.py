@@ -10,6 +10,16 @@ from .rsna import read_rsna
 from .siim import decode_masks, read_siim, rle_decode, rle_encode
 from .table import DataError, DatasetTable
 
+# The split file's label columns per dataset (CONTRACTS.md), used to stratify the nested fractions.
+LABEL_COLUMNS: dict[str, tuple[str, ...]] = {
+    "mimic": (),
+    "chexpert": ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"),
+    "rsna": ("target",),
+    "siim": ("target",),
+    "covidx": ("label",),
+    "objcxr": ("target",),
+}
+
 READERS = {
     "mimic": read_mimic,
     "chexpert": read_chexpert,
@@ -20,6 +30,7 @@ READERS = {
 }
 
 __all__ = [
+    "LABEL_COLUMNS",
     "READERS",
     "DataError",
     "DatasetTable",

@@ -9,6 +9,7 @@ the file, and the column or row where that applies.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -127,9 +128,18 @@ def make_table(
 
 
 def write_dropped_csv(dropped: Sequence[tuple[str, str]], path: Path) -> None:
-    """Convenience: write ``path, reason`` rows (the split stage's ``<dataset>.dropped.csv``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "reason"])
-        w.writerows(dropped)
+    """Write ``path, reason`` rows (the split stage's ``<dataset>.dropped.csv``), atomically."""
+    from mflag.io import atomic_write
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "reason"])
+    w.writerows(dropped)
+    atomic_write(path, buf.getvalue())
+
+
+def read_dropped_csv(path: Path) -> list[tuple[str, str]]:
+    """The rows of a ``<dataset>.dropped.csv``."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return [(r[0], r[1]) for r in rows[1:] if r]
