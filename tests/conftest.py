@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,36 @@ def tiny_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus")
     generate(params_with({"synthetic": TINY_SYNTHETIC}).synthetic, out, progress=False)
     return out
+
+
+DATASETS = ("mimic", "chexpert", "rsna", "siim", "covidx", "objcxr")
+# Tiny pretraining: the real ResNet-50, a few small steps.
+TINY_PRETRAIN = {"epochs": 2, "batch_size": 4, "crop": 32, "eval_batch_size": 16, "log_every": 1, "workers": 1,
+                 "precision": "fp32"}
+
+
+def run_stage(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run a stage script (or torchrun) the way dvc.yaml does, in `workdir`; fail with its stderr."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(list(args), cwd=workdir, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, f"{args}: {proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def stage_workdir(tiny_corpus, tmp_path_factory) -> Path:
+    """A working folder whose params point every dataset root at the tiny corpus; split and
+    preprocess have run for every dataset."""
+    wd = tmp_path_factory.mktemp("stages")
+    data = {"image_size": 40, "workers": 2}
+    for ds in DATASETS:
+        data[ds] = {"root": str(tiny_corpus / ds)}
+    # a small corpus: larger valid/test shares so every split is populated
+    data["rsna"].update(valid_fraction=0.25, test_fraction=0.25)
+    data["siim"].update(valid_fraction=0.25, test_fraction=0.25)
+    params = deep_merge(repo_params_dict(), {"data": data, "synthetic": TINY_SYNTHETIC, "pretrain": TINY_PRETRAIN})
+    (wd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for ds in DATASETS:
+        for stage in ("split", "preprocess"):
+            run_stage(wd, sys.executable, str(REPO / "stages" / f"{stage}.py"), ds)
+    return wd

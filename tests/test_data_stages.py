@@ -11,30 +11,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY_SYNTHETIC, deep_merge, repo_params_dict
-
-DATASETS = ("mimic", "chexpert", "rsna", "siim", "covidx", "objcxr")
+from tests.conftest import DATASETS, REPO, deep_merge, repo_params_dict
 
 
 @pytest.fixture(scope="module")
-def workdir(tiny_corpus, tmp_path_factory):
-    """A working folder whose params point every dataset root at the tiny corpus; both stages run."""
-    wd = tmp_path_factory.mktemp("stages")
-    data = {"image_size": 64, "workers": 2}
-    for ds in DATASETS:
-        data[ds] = {"root": str(tiny_corpus / ds)}
-    # small corpus: larger valid/test shares so every split is populated
-    data["rsna"].update(valid_fraction=0.25, test_fraction=0.25)
-    data["siim"].update(valid_fraction=0.25, test_fraction=0.25)
-    params = deep_merge(repo_params_dict(), {"data": data, "synthetic": TINY_SYNTHETIC})
-    (wd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for ds in DATASETS:
-        for stage in ("split", "preprocess"):
-            proc = subprocess.run(
-                [sys.executable, str(REPO / "stages" / f"{stage}.py"), ds], cwd=wd, capture_output=True, text=True
-            )
-            assert proc.returncode == 0, proc.stderr
-    return wd
+def workdir(stage_workdir):
+    return stage_workdir
 
 
 @pytest.mark.parametrize("ds", DATASETS)
@@ -57,7 +39,7 @@ def test_cache_contract(workdir, ds):
     index = pd.read_csv(workdir / "data/cache" / ds / "index.csv", dtype={"image_id": str, "patient_id": str})
     split = pd.read_csv(workdir / "data/splits" / f"{ds}.csv", dtype={"image_id": str, "patient_id": str})
     images = np.load(workdir / "data/cache" / ds / "images.npy", mmap_mode="r")
-    assert images.dtype == np.uint8 and images.shape == (len(index), 64, 64)
+    assert images.dtype == np.uint8 and images.shape == (len(index), 40, 40)
     assert list(index.columns) == list(split.columns) and set(index["image_id"]) == set(split["image_id"])
     assert (images.reshape(len(index), -1).max(axis=1) > 100).all()  # every image has content
     quality = json.loads((workdir / "reports/data_quality" / f"{ds}.json").read_text())
@@ -70,7 +52,7 @@ def test_cache_contract(workdir, ds):
     if ds in ("rsna", "objcxr"):
         boxes = pd.read_csv(workdir / "data/cache" / ds / "boxes.csv", dtype={"image_id": str})
         assert list(boxes.columns) == ["image_id", "x1", "y1", "x2", "y2"]
-        assert ((boxes.x1 >= 0) & (boxes.x2 <= 64) & (boxes.x1 < boxes.x2) & (boxes.y1 < boxes.y2)).all()
+        assert ((boxes.x1 >= 0) & (boxes.x2 <= 40) & (boxes.x1 < boxes.x2) & (boxes.y1 < boxes.y2)).all()
         assert set(boxes.image_id) == set(index.loc[index["target"] == 1, "image_id"])
 
 

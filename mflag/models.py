@@ -1,0 +1,121 @@
+"""The M-FLAG model of the reference code: a ResNet-50 trunk and two projection heads.
+
+image:  ResNet-50 without fc -> h_img (B, 2048) -> proj_img: Linear-BN-ReLU-Linear-BN(no affine) -> z_img
+text:   frozen LM embedding (B, D_lm), cached upstream -> proj_txt: the same shape of head -> z_txt
+No loss is computed here (see mflag/losses.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+from safetensors.torch import load_file, save_file
+
+FEATURE_DIM = 2048  # ResNet-50's pooled feature width
+
+
+class VisionInitError(Exception):
+    """An encoder init that cannot be honoured (missing weights), with what to do about it."""
+
+
+def resnet50_trunk() -> nn.Module:
+    """torchvision ResNet-50 with its classifier removed: (B, 3, H, W) -> (B, 2048)."""
+    net = torchvision.models.resnet50(weights=None)
+    net.fc = nn.Identity()
+    return net
+
+
+def load_imagenet_trunk(path: str | Path) -> nn.Module:
+    """ResNet-50 from a local copy of torchvision's ImageNet weights (a state dict file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VisionInitError(
+            f"model.vision.init: imagenet needs torchvision's ResNet-50 ImageNet weights at {path} "
+            f"(model.vision.imagenet_weights), and there is no file there. No download happens here: fetch "
+            f"resnet50-11ad3fa6.pth (IMAGENET1K_V2) or resnet50-0676ba61.pth (V1) on a machine with internet, "
+            f"copy it to that path, or use model.vision.init: random."
+        )
+    state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    net = resnet50_trunk()
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise VisionInitError(f"{path}: not a torchvision ResNet-50 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return net
+
+
+def build_trunk(init: str, imagenet_weights: str, seed: int) -> nn.Module:
+    """A ResNet-50 trunk: `random` (torchvision's init, drawn from `seed`) or `imagenet`."""
+    if init == "imagenet":
+        return load_imagenet_trunk(imagenet_weights)
+    if init != "random":
+        raise VisionInitError(f"model.vision.init must be random or imagenet, got {init!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return resnet50_trunk()
+
+
+def save_trunk(net: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(tmp), metadata=metadata or {})
+    tmp.replace(path)
+
+
+def load_trunk(path: str | Path) -> nn.Module:
+    """A ResNet-50 trunk from an encoder file written by save_trunk (pretrain or init_random)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VisionInitError(f"encoder file not found: {path}")
+    net = resnet50_trunk()
+    net.load_state_dict(load_file(str(path)))
+    return net
+
+
+class Projector(nn.Sequential):
+    """Linear -> BN -> ReLU -> Linear -> BN without affine, as in the reference code."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int):
+        super().__init__(
+            nn.Linear(d_in, d_hidden),
+            nn.BatchNorm1d(d_hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(d_hidden, d_out),
+            nn.BatchNorm1d(d_out, affine=False),
+        )
+
+
+@dataclass
+class MFLAGOutput:
+    h_img: torch.Tensor  # (B, 2048) backbone features
+    z_img: torch.Tensor  # (B, proj_dim)
+    z_txt: torch.Tensor  # (B, proj_dim)
+
+
+class MFLAG(nn.Module):
+    def __init__(self, trunk: nn.Module, text_dim: int, proj_hidden: int, proj_dim: int, feature_dim: int = FEATURE_DIM):
+        super().__init__()
+        self.encoder = trunk
+        self.proj_img = Projector(feature_dim, proj_hidden, proj_dim)
+        self.proj_txt = Projector(text_dim, proj_hidden, proj_dim)
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(images).flatten(1)  # (B, 2048)
+        return h, self.proj_img(h)
+
+    def encode_text(self, text_emb: torch.Tensor) -> torch.Tensor:
+        return self.proj_txt(text_emb)
+
+    def forward(self, images: torch.Tensor, text_emb: torch.Tensor) -> MFLAGOutput:
+        h_img, z_img = self.encode_image(images)
+        return MFLAGOutput(h_img=h_img, z_img=z_img, z_txt=self.encode_text(text_emb))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,320 @@
+"""The M-FLAG pretraining loop: alignment + orthogonality, AMP, DDP, exact resume.
+
+Data: the mimic uint8 cache (N, S, S) and the cached frozen-LM report embeddings (N, D), row-aligned.
+Every epoch draws one permutation from (seed, epoch), shared by all ranks; a global batch of
+world x batch_size rows is cut into per-rank slices (drop_last, as the reference). Augmentation runs
+on whole batches on the training device, drawing from (seed, rank, epoch). Batch norm and the
+orthogonality term are per rank, as in the reference (DDP averages the gradients).
+
+A resume checkpoint is written atomically after every epoch; a re-run finds it and continues from
+the last finished epoch, reaching the same weights as an uninterrupted run (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from mflag.augment import AugmentSpec, augment_batch, center_crop_normalize
+from mflag.distributed import DistEnv, mean_across
+from mflag.losses import alignment_loss, orthogonality_loss
+from mflag.models import MFLAG
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int
+    batch_size: int  # per rank
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    restart_fraction: float  # T_0 of the warm restarts as a share of all steps (reference: 0.4)
+    eta_min: float
+    precision: str  # fp32 | bf16 | fp16
+    channels_last: bool
+    workers: int  # background threads that gather batches ahead of the step
+    augment: AugmentSpec
+    ortho_weight: float
+    ortho_offdiag_weight: float
+    ortho_on: str  # backbone | projection
+    seed: int
+    log_every: int
+
+
+@dataclass
+class PretrainData:
+    images: np.ndarray  # (N, S, S) uint8, memory-mapped
+    text_emb: np.ndarray  # (N, D) float32
+    train_idx: np.ndarray
+    valid_idx: np.ndarray
+    texts: list[str]  # report text per row (valid positives: identical text)
+
+
+def load_data(cache_dir: Path, embeddings: Path) -> PretrainData:
+    index = pd.read_csv(cache_dir / "index.csv", dtype=str, keep_default_na=False)
+    images = np.load(cache_dir / "images.npy", mmap_mode="r")
+    emb = np.load(embeddings)
+    if len(index) != len(images) or len(emb) != len(images):
+        raise ValueError(
+            f"{cache_dir}: index.csv ({len(index)} rows), images.npy ({len(images)}) and {embeddings} "
+            f"({len(emb)}) must be row-aligned; re-run embed_text"
+        )
+    split = index["split"].to_numpy()
+    return PretrainData(
+        images=images,
+        text_emb=emb.astype(np.float32, copy=False),
+        train_idx=np.flatnonzero(split == "train"),
+        valid_idx=np.flatnonzero(split == "valid"),
+        texts=index["text"].tolist(),
+    )
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def steps_per_epoch(n_train: int, batch_size: int, world: int) -> int:
+    return n_train // (batch_size * world)
+
+
+def epoch_batches(data: PretrainData, cfg: TrainConfig, epoch: int, env: DistEnv) -> list[np.ndarray]:
+    """This rank's row indices for every step of `epoch`."""
+    g = torch.Generator().manual_seed(_seed(cfg.seed, "order", epoch))
+    perm = data.train_idx[torch.randperm(len(data.train_idx), generator=g).numpy()]
+    per_step = cfg.batch_size * env.world_size
+    out = []
+    for s in range(steps_per_epoch(len(perm), cfg.batch_size, env.world_size)):
+        lo = s * per_step + env.rank * cfg.batch_size
+        out.append(perm[lo : lo + cfg.batch_size])
+    return out
+
+
+def _gather(data: PretrainData, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(np.ascontiguousarray(data.images[rows])), torch.from_numpy(data.text_emb[rows])
+
+
+def batch_stream(data: PretrainData, batches: list[np.ndarray], workers: int, pin: bool) -> Iterator:
+    """(uint8 images, text embeddings) per step; `workers` threads read ahead from the memory map."""
+    if workers <= 0:
+        for rows in batches:
+            yield _gather(data, rows)
+        return
+    stop = threading.Event()
+
+    def produce(start: int) -> None:
+        # thread k fills steps k, k + workers, ...; the consumer takes them back in order
+        for i in range(start, len(batches), workers):
+            if stop.is_set():
+                return
+            img, txt = _gather(data, batches[i])
+            if pin:
+                img, txt = img.pin_memory(), txt.pin_memory()
+            slot[i].put((img, txt))
+
+    slot = [queue.Queue(maxsize=1) for _ in batches]
+    threads = [threading.Thread(target=produce, args=(k,), daemon=True) for k in range(workers)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(len(batches)):
+            yield slot[i].get()
+    finally:
+        stop.set()
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def compute_losses(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor, cfg: TrainConfig) -> dict:
+    """Forward one (per-rank) batch and return the named loss terms and their weighted sum."""
+    out = model(images, text_emb)
+    l_align = alignment_loss(out.z_img, out.z_txt)
+    feats = out.h_img if cfg.ortho_on == "backbone" else out.z_img
+    l_ortho = orthogonality_loss(feats, cfg.ortho_offdiag_weight)
+    return {"align": l_align, "ortho": l_ortho, "total": l_align + cfg.ortho_weight * l_ortho}
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    t0 = max(1, int(cfg.restart_fraction * total_steps))
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=t0, T_mult=1, eta_min=cfg.eta_min)
+    return opt, sched
+
+
+def _atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(
+    model: MFLAG,
+    data: PretrainData,
+    cfg: TrainConfig,
+    env: DistEnv,
+    resume_path: Path,
+    fingerprint: str,
+    log: Callable[[dict], None] | None = None,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+) -> dict:
+    """Train `model` in place; returns the history. `stop_after_epoch` simulates a kill (tests)."""
+    device = env.device
+    model.to(device)
+    if cfg.channels_last:  # also on CPU: oneDNN's fast convolution kernels want NHWC
+        model.to(memory_format=torch.channels_last)
+    n_steps = steps_per_epoch(len(data.train_idx), cfg.batch_size, env.world_size)
+    if n_steps == 0:
+        raise ValueError(
+            f"pretrain: {len(data.train_idx)} training images cannot fill one step of "
+            f"{cfg.batch_size} x {env.world_size} ranks; lower pretrain.batch_size"
+        )
+    opt, sched = make_optimizer(model, cfg, cfg.epochs * n_steps)
+    dtype = autocast_dtype(cfg.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    history: dict = {"step": [], "epoch": []}
+    start_epoch = 0
+    if resume_path.is_file():
+        ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
+        if ckpt.get("fingerprint") == fingerprint:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            history, start_epoch = ckpt["history"], ckpt["epoch"]
+            if env.is_main:
+                print(f"pretrain: resuming after epoch {start_epoch} from {resume_path}")
+                for rec in history["step"] if log else ():
+                    log(rec)  # the logger starts empty: replay what the killed run had logged
+    ddp = model
+    if env.distributed:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step = start_epoch * n_steps
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        aug_gen = torch.Generator().manual_seed(_seed(cfg.seed, "augment", env.rank, epoch))
+        sums = torch.zeros(3, dtype=torch.float64)
+        t0, seen = time.perf_counter(), 0
+        batches = epoch_batches(data, cfg, epoch, env)
+        stream = batch_stream(data, batches, cfg.workers, pin=device.type == "cuda")
+        bar = None
+        if progress and env.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n_steps, desc=f"pretrain epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        for img_u8, txt in stream:
+            img_u8, txt = img_u8.to(device, non_blocking=True), txt.to(device, non_blocking=True)
+            images = augment_batch(img_u8, cfg.augment, aug_gen)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                losses = compute_losses(ddp, images, txt, cfg)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(losses["total"]).backward()
+            scaler.step(opt)
+            scaler.update()
+            lr = opt.param_groups[0]["lr"]
+            sched.step()
+            step += 1
+            seen += len(img_u8)
+            vals = torch.stack([losses[k].detach().double().cpu() for k in ("align", "ortho", "total")])
+            sums += vals
+            if step % cfg.log_every == 0 or step == (epoch + 1) * n_steps:
+                vals = mean_across(vals, env)  # sync point: only every log_every steps
+                rec = {"step": step, "epoch": epoch + 1, "align": vals[0].item(), "ortho": vals[1].item(),
+                       "total": vals[2].item(), "lr": lr}  # fmt: skip
+                history["step"].append(rec)
+                if log and env.is_main:
+                    log(rec)
+            if bar is not None:
+                bar.update()
+                bar.set_postfix(loss=f"{vals[2].item():.3f}")
+        if bar is not None:
+            bar.close()
+        means = mean_across(sums / n_steps, env)
+        seconds = time.perf_counter() - t0
+        rec = {"epoch": epoch + 1, "align": means[0].item(), "ortho": means[1].item(), "total": means[2].item(),
+               "lr": opt.param_groups[0]["lr"], "images_per_second": seen * env.world_size / seconds}  # fmt: skip
+        history["epoch"].append(rec)
+        if env.is_main:
+            print(
+                f"pretrain epoch {epoch + 1}/{cfg.epochs}: total {rec['total']:.4f} align {rec['align']:.4f} "
+                f"ortho {rec['ortho']:.4f} ({rec['images_per_second']:.1f} img/s)",
+                flush=True,
+            )
+            _atomic_save(
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "fingerprint": fingerprint,
+                 "config": asdict(cfg)},
+                resume_path,
+            )  # fmt: skip
+        if env.distributed:
+            torch.distributed.barrier()  # no rank runs ahead of the checkpoint
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            break
+    return history
+
+
+@torch.no_grad()
+def embed_images(model: MFLAG, images: np.ndarray, rows: np.ndarray, crop: int, batch_size: int, device) -> tuple:
+    """(h_img, z_img) for `rows`, centre-cropped, eval mode."""
+    model.eval()
+    hs, zs = [], []
+    for lo in range(0, len(rows), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[rows[lo : lo + batch_size]])).to(device)
+        h, z = model.encode_image(center_crop_normalize(x, crop))
+        hs.append(h.float().cpu())
+        zs.append(z.float().cpu())
+    return torch.cat(hs).numpy(), torch.cat(zs).numpy()
+
+
+@torch.no_grad()
+def embed_texts(model: MFLAG, text_emb: np.ndarray, rows: np.ndarray, device) -> np.ndarray:
+    model.eval()
+    return model.encode_text(torch.from_numpy(text_emb[rows]).to(device)).float().cpu().numpy()
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """The learning rate of step `step` under cosine annealing with warm restarts (for tests and plots)."""
+    t0 = max(1, int(cfg.restart_fraction * total_steps))
+    t = step % t0
+    return cfg.eta_min + (cfg.lr - cfg.eta_min) * (1 + math.cos(math.pi * t / t0)) / 2
+
+
+def evaluate(model: MFLAG, data: PretrainData, crop: int, batch_size: int, device) -> tuple[dict, np.ndarray]:
+    """Retrieval R@1/5/10 both ways and the geometry of the 2048-d features on the valid rows.
+
+    A report shared by several images of a study is one text: every image with an identical text is a
+    correct match. Returns (metrics, singular values of the centred features).
+    """
+    from mflag.geometry import cosine_similarity, effective_rank, mean_abs_offdiag_correlation, recall_at_k
+    from mflag.geometry import singular_values
+
+    rows = data.valid_idx
+    h, z_img = embed_images(model, data.images, rows, crop, batch_size, device)
+    z_txt = embed_texts(model, data.text_emb, rows, device)
+    texts = np.array([data.texts[i] for i in rows], dtype=object)
+    positives = texts[:, None] == texts[None, :]
+    sim = cosine_similarity(z_img, z_txt)
+    i2t, t2i = recall_at_k(sim, positives), recall_at_k(sim.T, positives.T)
+    metrics = {f"i2t_r{k}": v for k, v in i2t.items()} | {f"t2i_r{k}": v for k, v in t2i.items()}
+    metrics |= {
+        "effective_rank": effective_rank(h),
+        "mean_abs_offdiag_corr": mean_abs_offdiag_correlation(h),
+        "valid_images": int(len(rows)),
+    }
+    return metrics, singular_values(h)

@@ -1,0 +1,114 @@
+"""Stage `pretrain`: M-FLAG pretraining of the ResNet-50 encoder (runs under torchrun).
+
+Single process: `torchrun --standalone --nproc_per_node=1 stages/pretrain.py` (what dvc.yaml runs);
+several GPUs or nodes: see README. Only rank 0 writes. A re-run after a kill resumes from the last
+finished epoch (.resume/pretrain.pt, outside DVC's outputs so DVC does not delete it).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from mflag import distributed
+from mflag.augment import AugmentSpec
+from mflag.config import to_dict
+from mflag.io import atomic_write, git_revision, write_json
+from mflag.models import MFLAG, VisionInitError, build_trunk, count_parameters, save_trunk
+from mflag.params import load_or_exit
+from mflag.pretrain import TrainConfig, evaluate, load_data, train
+
+CACHE = Path("data/cache/mimic")
+EMBEDDINGS = Path("data/embeddings/mimic.npy")
+RESUME = Path(".resume/pretrain.pt")
+MODELS = Path("models/mflag")  # named after the init key the fine-tunes use
+REPORTS = Path("reports/pretrain")
+
+
+def _fingerprint(run_params: dict) -> str:
+    """What a resume checkpoint must match: the params this stage reads and its input files."""
+    h = hashlib.sha256(json.dumps(run_params, sort_keys=True).encode())
+    for path in (CACHE / "index.csv", EMBEDDINGS):
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    h.update(str((CACHE / "images.npy").stat().st_size).encode())
+    return h.hexdigest()
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def main() -> None:
+    params = load_or_exit()
+    p, env = params.pretrain, distributed.init(params.pretrain.device)
+    precision = p.precision if p.precision != "auto" else ("bf16" if env.device.type == "cuda" else "fp32")
+    meta = json.loads(EMBEDDINGS.with_suffix(".json").read_text())
+    try:
+        trunk = build_trunk(params.model.vision.init, params.model.vision.imagenet_weights, params.seed)
+    except VisionInitError as err:
+        sys.exit(f"error: pretrain: {err}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.seed)  # identical projector init on every rank
+        model = MFLAG(trunk, meta["dim"], params.model.proj_hidden, params.model.proj_dim)
+    cfg = TrainConfig(
+        epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, betas=tuple(p.betas),
+        restart_fraction=p.restart_fraction, eta_min=p.eta_min, precision=precision, channels_last=p.channels_last,
+        workers=p.workers,
+        augment=AugmentSpec(crop=p.crop, rotation=tuple(p.rotation), perspective_p=p.perspective_p,
+                            perspective_distortion=p.perspective_distortion, autocontrast_p=p.autocontrast_p),
+        ortho_weight=params.loss.ortho_weight, ortho_offdiag_weight=params.loss.ortho_offdiag_weight,
+        ortho_on=params.loss.ortho_on, seed=params.seed, log_every=p.log_every,
+    )  # fmt: skip
+    run_params = {"seed": params.seed, "loss": to_dict(params.loss), "model": to_dict(params.model),
+                  "pretrain": to_dict(p), "world_size": env.world_size}  # fmt: skip
+    data = load_data(CACHE, EMBEDDINGS)
+    live = None
+    if env.is_main:
+        from dvclive import Live
+
+        live = Live(str(REPORTS / "live"), dvcyaml=False, save_dvc_exp=False)
+
+    def log(rec: dict) -> None:
+        live.step = rec["step"]
+        for k in ("align", "ortho", "total", "lr"):
+            live.log_metric(f"train/{k}", rec[k])
+        live.next_step()
+
+    history = train(model, data, cfg, env, RESUME, _fingerprint(run_params), log=log if live else None)
+    if env.is_main:
+        metrics, spectrum = evaluate(model, data, p.crop, p.eval_batch_size, env.device)
+        n_trunk, n_proj = count_parameters(model.encoder), count_parameters(model.proj_img) + count_parameters(model.proj_txt)
+        trainable, frozen = n_trunk + n_proj, int(meta["lm_parameters"])
+        last = history["epoch"][-1]
+        report = {
+            "loss_total": last["total"], "loss_align": last["align"], "loss_ortho": last["ortho"], **metrics,
+            "params_total": trainable + frozen, "params_trainable": trainable, "params_frozen": frozen,
+            "trainable_share": trainable / (trainable + frozen), "parameter_reduction": frozen / (trainable + frozen),
+        }  # fmt: skip
+        save_trunk(model.encoder, MODELS / "vision_encoder.safetensors", metadata={"init": "mflag"})
+        buf = io.BytesIO()
+        torch.save({"model": model.state_dict(), "history": history, "params": run_params}, buf)
+        atomic_write(MODELS / "checkpoint.pt", buf.getvalue())
+        write_json(MODELS / "run.json", {"params": to_dict(params), "git_revision": git_revision(), "text_model": meta})
+        write_json(REPORTS / "metrics.json", report)
+        atomic_write(REPORTS / "losses.csv", _csv([{k: r[k] for k in ("step", "epoch", "align", "ortho", "total", "lr")} for r in history["step"]]))
+        atomic_write(REPORTS / "spectrum.csv", _csv([{"index": i, "singular_value": float(s)} for i, s in enumerate(spectrum)]))
+        live.end()
+        RESUME.unlink(missing_ok=True)
+        print(json.dumps(report, indent=1))
+    distributed.barrier(env)
+    distributed.shutdown(env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""embed_text, init_random and pretrain as DVC runs them (torchrun), on the tiny corpus."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, run_stage
+
+
+@pytest.fixture(scope="module")
+def pretrained(stage_workdir):
+    wd = stage_workdir
+    run_stage(wd, sys.executable, str(REPO / "stages/embed_text.py"))
+    run_stage(wd, sys.executable, str(REPO / "stages/init_random.py"))
+    run_stage(wd, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+              str(REPO / "stages/pretrain.py"))  # fmt: skip
+    return wd
+
+
+def test_embeddings_align_with_the_cache(pretrained):
+    index = pd.read_csv(pretrained / "data/cache/mimic/index.csv")
+    emb = np.load(pretrained / "data/embeddings/mimic.npy")
+    meta = json.loads((pretrained / "data/embeddings/mimic.json").read_text())
+    assert emb.shape == (len(index), 384) and emb.dtype == np.float32 and meta["dim"] == 384
+    assert np.isfinite(emb).all() and np.abs(emb).sum(axis=1).min() > 0
+
+
+def test_pretrain_outputs(pretrained):
+    m = json.loads((pretrained / "reports/pretrain/metrics.json").read_text())
+    for key in ("loss_total", "loss_align", "loss_ortho", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5",
+                "t2i_r10", "effective_rank", "mean_abs_offdiag_corr", "params_trainable", "params_frozen"):
+        assert np.isfinite(m[key]), key
+    assert 0 <= m["i2t_r1"] <= m["i2t_r5"] <= m["i2t_r10"] <= 1
+    # parameter counts: ResNet-50 trunk (23.5M) + two projectors, the frozen MiniLM (22.7M)
+    assert m["params_frozen"] == 22_713_216
+    assert 30e6 < m["params_trainable"] < 40e6
+    assert m["params_total"] == m["params_trainable"] + m["params_frozen"]
+    assert m["trainable_share"] == pytest.approx(m["params_trainable"] / m["params_total"])
+    enc = load_file(str(pretrained / "models/mflag/vision_encoder.safetensors"))
+    rnd = load_file(str(pretrained / "models/random/vision_encoder.safetensors"))
+    assert set(enc) == set(rnd) and "fc.weight" not in enc and "layer4.2.conv3.weight" in enc
+    moved = [k for k in enc if enc[k].is_floating_point() and not (enc[k] == rnd[k]).all()]
+    assert len(moved) > 100  # pretraining started from the random init (same seed) and moved it
+    losses = pd.read_csv(pretrained / "reports/pretrain/losses.csv")
+    assert list(losses.columns) == ["step", "epoch", "align", "ortho", "total", "lr"] and len(losses) >= 2
+    spectrum = pd.read_csv(pretrained / "reports/pretrain/spectrum.csv")
+    assert (np.diff(spectrum["singular_value"]) <= 1e-9).all()
+    run = json.loads((pretrained / "models/mflag/run.json").read_text())
+    assert run["params"]["loss"]["ortho_weight"] == 1.0
+    assert not (pretrained / ".resume/pretrain.pt").exists()  # removed once the run finished
