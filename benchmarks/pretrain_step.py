@@ -102,7 +102,7 @@ def bench_device(args, device: torch.device, images_u8: np.ndarray) -> dict:
     a = args.batch * total / (time.perf_counter() - t0)
 
     # (b) compute bound: fixed batch already on the device
-    img = augment_batch(torch.from_numpy(images_u8[: args.batch]).to(device), cfg.augment, gen)
+    img = augment_batch(torch.from_numpy(np.array(images_u8[: args.batch])).to(device), cfg.augment, gen)
     img = img.contiguous(memory_format=torch.channels_last)
     txt = torch.from_numpy(text_emb[: args.batch]).to(device)
     b = args.batch * args.steps / _timed(lambda: _step(model, opt, scaler, img, txt, cfg, device, dtype), args.steps, args.warmup, device)
