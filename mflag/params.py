@@ -208,6 +208,63 @@ class SyntheticParams:
     objcxr: SynthObjcxr
 
 
+# ------------------------------------------------------------------------------------- finetune
+@dataclass(frozen=True)
+class ClassifyParams:
+    """Linear probe (MGCA): frozen encoder, one linear layer; early stopping on validation loss."""
+
+    lr: float  # protocol: 5e-4
+    weight_decay: float  # protocol: 1e-6
+    batch_size: int  # protocol: 48
+    max_epochs: int  # protocol: 50
+    patience: int  # protocol: 10
+    crop: int  # protocol: 224 crops of the 256 cache
+    upsample: int  # MGCA upsampled crops to 299 before the encoder; 0 = off (default)
+    augment: bool  # protocol: true (random crop; CheXpert also jitter, blur, flip); false: cached features
+    eval_batch_size: int
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    """U-Net (segmentation-models-pytorch) with the frozen ResNet-50 encoder."""
+
+    lr: float  # protocol: 5e-4
+    weight_decay: float  # protocol: 0.05
+    batch_size: dict[str, int]  # per dataset, protocol: siim 8, rsna 16
+    max_epochs: int  # protocol: 50
+    patience: int  # protocol: 10
+    input_size: int  # protocol: 224
+    augment: bool  # shift-scale-rotate (scale 0.1, rotate 10 degrees, p 0.5)
+    balance: bool  # SIIM: every positive image plus as many negatives
+    eval_batch_size: int
+
+
+@dataclass(frozen=True)
+class DetectParams:
+    """YOLOv3-style head on frozen ResNet-50 layers 2-4."""
+
+    lr: dict[str, dict[str, float]]  # dataset -> pct1/pct10/pct100 -> lr
+    batch_size: dict[str, dict[str, int]]  # dataset -> pct1/pct10/pct100 -> batch
+    weight_decay: float  # protocol: 1e-6
+    max_epochs: int  # protocol: 50
+    patience: int  # early stopping on validation mAP
+    input_size: int  # protocol: 224
+    conf_threshold: float  # protocol: 0.5
+    nms_iou: float  # protocol: 0.5
+    iou_thresholds: list[float]  # protocol: 0.40, 0.45, ..., 0.75
+    drop_empty_test: bool  # the reference code's filter (inflates mAP); default false
+    eval_batch_size: int
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    device: Literal["auto", "cpu", "cuda"]
+    precision: Literal["fp32", "bf16"]  # autocast for the frozen encoder's forward
+    cls: ClassifyParams
+    seg: SegmentParams
+    det: DetectParams
+
+
 # ----------------------------------------------------------------------------------------- root
 @dataclass(frozen=True)
 class Params:
@@ -216,6 +273,7 @@ class Params:
     loss: LossParams
     model: ModelParams
     pretrain: PretrainParams
+    finetune: FinetuneParams
     synthetic: SyntheticParams
 
 

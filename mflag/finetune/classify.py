@@ -1,0 +1,498 @@
+"""Linear-probe classification on a frozen image encoder (the MGCA protocol M-FLAG follows).
+
+Jobs ``cls_chexpert`` (5 labels, multi-label, BCE-with-logits, macro AUC), ``cls_rsna`` (1 label, BCE,
+AUC) and ``cls_covidx`` (3 classes, cross-entropy, accuracy). The whole encoder is frozen, batch-norm
+statistics included (``requires_grad_(False)`` and ``eval()`` at every step); only a linear layer
+``feature_dim -> classes`` is trained with AdamW. Early stopping on the validation loss (``patience`` epochs
+without a strict improvement); the test metrics are those of the head with the lowest validation loss.
+
+Inputs are the uint8 cache ``(N, S, S)``. Training crops are random crops of side ``crop`` (with
+``augment``), plus for CheXpert (``moco_aug``) a MoCo-v2-style colour jitter, Gaussian blur and horizontal
+flip, all done batched on tensors; evaluation crops are centre crops. Pixels are normalised with
+mean = std = 0.5 and the crop is optionally upsampled (bilinear) to ``upsample`` pixels before the encoder.
+
+Two training paths:
+
+* cached features (``augment`` False, the default): every image's crop is deterministic, so the frozen
+  encoder's features are computed once (:func:`encode_features`, or passed in via ``features=``) and the
+  head is trained on them. This is what makes the CPU demo and the three data fractions cheap.
+* on the fly (``augment`` True, or ``cache_features=False``): each training batch goes through the
+  encoder (without autograd). Validation and test crops are deterministic in both paths, so their
+  features are always computed once.
+
+Randomness: everything comes from generators seeded by ``seed`` (head init, batch order and augmentation
+each have their own stream, so the batch order does not depend on whether augmentation is drawn); the
+global RNG is never used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as nnf
+
+from mflag.augment import center_crop_normalize
+
+__all__ = [
+    "ClassifyConfig",
+    "KINDS",
+    "encode_features",
+    "linear_probe",
+    "roc_auc",
+    "macro_auc",
+    "accuracy",
+    "random_crop_normalize",
+    "moco_photometric",
+]
+
+KINDS = ("multilabel", "binary", "multiclass")
+
+# MoCo-v2's photometric augmentation on grey images (saturation / hue are no-ops there):
+# RandomApply([ColorJitter(0.4, 0.4, ...)], p=0.8), GaussianBlur(sigma in [0.1, 2.0]) with p=0.5,
+# RandomHorizontalFlip(p=0.5).
+JITTER_P = 0.8
+BRIGHTNESS = 0.4
+CONTRAST = 0.4
+BLUR_P = 0.5
+BLUR_SIGMA = (0.1, 2.0)
+FLIP_P = 0.5
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    lr: float
+    weight_decay: float
+    batch_size: int
+    max_epochs: int
+    patience: int
+    crop: int
+    upsample: int  # bilinear upsampling of the crop to this side before the encoder; 0 = off
+    augment: bool  # random crops for training (else centre crops, and cached features)
+    moco_aug: bool  # MoCo-v2 colour jitter / blur / flip on top of the random crop (CheXpert); only with augment
+    eval_batch_size: int
+    precision: str  # "fp32" | "bf16" (autocast for the encoder forward)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_epochs", "patience", "crop", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ClassifyConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.upsample < 0:
+            raise ValueError(f"ClassifyConfig.upsample must be >= 0 (0 = off), got {self.upsample}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"ClassifyConfig: lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"ClassifyConfig.precision must be fp32 or bf16, got {self.precision!r}")
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x`` with ties given the mean of the ranks they span."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    # boundaries of runs of equal values in sorted order
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    ends = np.r_[starts[1:], len(xs)]  # exclusive
+    run_rank = (starts + 1 + ends) / 2.0  # mean of ranks starts+1 .. ends
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat(run_rank, ends - starts)
+    return ranks
+
+
+def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve, via the Mann-Whitney U statistic with average ranks for ties.
+
+    ``y_true``: 0/1 (or boolean) labels; ``scores``: higher means more positive. Raises ValueError when
+    only one class is present (the AUC is undefined then).
+    """
+    y = np.asarray(y_true).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"roc_auc: {y.shape[0]} labels but {s.shape[0]} scores")
+    if np.isnan(s).any():
+        raise ValueError("roc_auc: scores contain NaN")
+    pos = y.astype(bool)
+    if not np.array_equal(y.astype(np.float64), pos.astype(np.float64)):
+        raise ValueError("roc_auc: labels must be 0/1")
+    n_pos = int(pos.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("roc_auc: only one class present in y_true; the AUC is undefined")
+    ranks = _average_ranks(s)
+    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def _defined(y: np.ndarray) -> bool:
+    y = np.asarray(y).reshape(-1)
+    return len(y) > 0 and 0 < int(np.asarray(y, dtype=bool).sum()) < len(y)
+
+
+def macro_auc(y_true: np.ndarray, scores: np.ndarray) -> tuple[float, list]:
+    """Macro AUC over the columns of ``(N, K)`` labels / scores.
+
+    Returns ``(macro, per_label)``: ``per_label[k]`` is column k's AUC, or None where column k has a single
+    class (skipped from the mean). ``macro`` is NaN when every column is skipped.
+    """
+    y = np.asarray(y_true)
+    s = np.asarray(scores)
+    if y.ndim == 1:
+        y = y[:, None]
+    if s.ndim == 1:
+        s = s[:, None]
+    if y.shape != s.shape:
+        raise ValueError(f"macro_auc: labels {y.shape} and scores {s.shape} differ")
+    per_label = [roc_auc(y[:, k], s[:, k]) if _defined(y[:, k]) else None for k in range(y.shape[1])]
+    done = [a for a in per_label if a is not None]
+    return (float(np.mean(done)) if done else float("nan")), per_label
+
+
+def accuracy(y_true: np.ndarray, logits: np.ndarray) -> float:
+    """Top-1 accuracy: ``logits`` (N, C) -> argmax; (N,) or (N, 1) binary logits -> ``logit > 0``."""
+    y = np.asarray(y_true).reshape(-1)
+    z = np.asarray(logits)
+    if z.ndim == 2 and z.shape[1] > 1:
+        pred = z.argmax(axis=1)
+    else:
+        pred = (z.reshape(-1) > 0).astype(np.int64)
+    if len(pred) != len(y):
+        raise ValueError(f"accuracy: {len(y)} labels but {len(pred)} predictions")
+    if len(y) == 0:
+        return float("nan")
+    return float((pred == y.astype(np.int64)).mean())
+
+
+# ---------------------------------------------------------------------------------------- transforms
+def random_crop_normalize(x: torch.Tensor, crop: int, generator: torch.Generator, channels: int = 3) -> torch.Tensor:
+    """Per-sample random crops of uint8 ``(B, H, W)`` images (offsets like ``RandomCrop``), mean = std = 0.5.
+
+    Returns float32 ``(B, channels, crop, crop)`` on ``x.device``; offsets drawn on ``generator`` (CPU).
+    """
+    b, h, w = x.shape
+    if h < crop or w < crop:
+        raise ValueError(f"crop {crop} is larger than the input {h}x{w}")
+    u = torch.rand(b, 2, dtype=torch.float64, generator=generator)
+    top = torch.clamp((u[:, 0] * (h - crop + 1)).floor(), max=h - crop).long().to(x.device)
+    left = torch.clamp((u[:, 1] * (w - crop + 1)).floor(), max=w - crop).long().to(x.device)
+    ar = torch.arange(crop, device=x.device)
+    rows = (top[:, None] + ar)[:, :, None]  # (B, c, 1)
+    cols = (left[:, None] + ar)[:, None, :]  # (B, 1, c)
+    out = x[torch.arange(b, device=x.device)[:, None, None], rows, cols]  # (B, c, c)
+    out = out[:, None].to(torch.float32) / 127.5 - 1.0
+    if channels != 1:
+        out = out.expand(b, channels, crop, crop).contiguous()
+    return out
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of ``(B, C, H, W)`` with a per-sample ``sigma`` (B,), reflect padding."""
+    b, c, h, w = x.shape
+    radius = int(math.ceil(3.0 * BLUR_SIGMA[1]))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+    k = torch.exp(-0.5 * (t[None, :] / sigma[:, None].to(x.device, torch.float32)) ** 2)
+    k = k / k.sum(dim=1, keepdim=True)  # (B, K)
+    k = k.repeat_interleave(c, dim=0)  # one kernel per (sample, channel)
+    mode = "reflect" if min(h, w) > radius else "replicate"
+    y = x.reshape(1, b * c, h, w)
+    y = nnf.conv2d(nnf.pad(y, (radius, radius, 0, 0), mode=mode), k[:, None, None, :], groups=b * c)
+    y = nnf.conv2d(nnf.pad(y, (0, 0, radius, radius), mode=mode), k[:, None, :, None], groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
+def moco_photometric(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """MoCo-v2's colour jitter (brightness / contrast 0.4, random order, p 0.8), Gaussian blur
+    (sigma U[0.1, 2.0], p 0.5) and horizontal flip (p 0.5) on normalised ``(B, C, H, W)`` grey images.
+
+    Works in [0, 1] intensities like torchvision (``(x + 1) / 2``), clamps after each jitter step, and
+    returns mean = std = 0.5 normalised images again. Parameters drawn on ``generator`` (CPU).
+    """
+    b = x.shape[0]
+    dev = x.device
+    u = torch.rand(b, 7, dtype=torch.float32, generator=generator).to(dev)
+    jitter = u[:, 0] < JITTER_P
+    f_b = torch.where(jitter, 1.0 - BRIGHTNESS + 2.0 * BRIGHTNESS * u[:, 1], torch.ones_like(u[:, 1]))
+    f_c = torch.where(jitter, 1.0 - CONTRAST + 2.0 * CONTRAST * u[:, 2], torch.ones_like(u[:, 2]))
+    brightness_first = (u[:, 3] < 0.5)[:, None, None, None]
+    blur = u[:, 4] < BLUR_P
+    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 5]
+    flip = (u[:, 6] < FLIP_P)[:, None, None, None]
+
+    v = (x + 1.0) * 0.5
+    fb = f_b[:, None, None, None]
+    fc = f_c[:, None, None, None]
+
+    def bright(t):
+        return (t * fb).clamp(0.0, 1.0)
+
+    def contrast(t):  # blend with the image's mean grey level, as torchvision's adjust_contrast
+        m = t.mean(dim=(1, 2, 3), keepdim=True)
+        return (fc * t + (1.0 - fc) * m).clamp(0.0, 1.0)
+
+    v = torch.where(brightness_first, contrast(bright(v)), bright(contrast(v)))
+    idx = torch.nonzero(blur).flatten()
+    if idx.numel():
+        v = v.clone()
+        v[idx] = _gaussian_blur(v[idx], sigma[idx])
+    v = torch.where(flip, v.flip(-1), v)
+    return v * 2.0 - 1.0
+
+
+# ------------------------------------------------------------------------------------------- encoder
+def _autocast_dtype(precision: str) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp32": None}[precision]
+
+
+def _freeze(trunk: nn.Module) -> None:
+    trunk.requires_grad_(False)
+    trunk.eval()
+
+
+def _prepare_trunk(trunk: nn.Module, device: torch.device, channels_last: bool) -> None:
+    trunk.to(device)
+    if channels_last:  # a layout change only (values untouched); oneDNN / cuDNN's fast kernels want NHWC
+        trunk.to(memory_format=torch.channels_last)
+    _freeze(trunk)
+
+
+def _trunk_forward(trunk: nn.Module, x: torch.Tensor, cfg: ClassifyConfig, channels_last: bool) -> torch.Tensor:
+    """Normalised crops (B, 3, c, c) -> float32 features (B, D), without autograd, encoder frozen."""
+    _freeze(trunk)
+    if cfg.upsample:
+        x = nnf.interpolate(x, size=(cfg.upsample, cfg.upsample), mode="bilinear", align_corners=False)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dtype = _autocast_dtype(cfg.precision)
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        h = trunk(x)
+    return h.flatten(1).float()
+
+
+def _load_u8(images_u8: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    batch = np.ascontiguousarray(images_u8[rows])
+    if batch.dtype != np.uint8:
+        raise TypeError(f"expected uint8 images, got {batch.dtype}")
+    return torch.from_numpy(batch).to(device, non_blocking=True)
+
+
+def encode_features(
+    trunk: nn.Module,
+    images_u8: np.ndarray,
+    rows: np.ndarray,
+    cfg: ClassifyConfig,
+    device: torch.device | str,
+    progress: bool = True,
+    channels_last: bool = True,
+) -> np.ndarray:
+    """Frozen-encoder features of ``images_u8[rows]``: centre crop (+ upsample), eval mode, no grad.
+
+    Returns float32 ``(len(rows), D)`` in the order of ``rows``. Batched by ``cfg.eval_batch_size``.
+    The trunk is moved to ``device`` and (``channels_last``) to the channels-last layout in place.
+    """
+    device = torch.device(device)
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    _prepare_trunk(trunk, device, channels_last)
+    chunks = []
+    from tqdm import tqdm
+
+    bs = cfg.eval_batch_size
+    for i in tqdm(range(0, len(rows), bs), desc="features", leave=False, disable=not progress):
+        x = center_crop_normalize(_load_u8(images_u8, rows[i : i + bs], device), cfg.crop)
+        chunks.append(_trunk_forward(trunk, x, cfg, channels_last).cpu())
+    if not chunks:
+        with torch.no_grad():  # the feature width, for an empty selection
+            x = torch.zeros(1, 3, cfg.upsample or cfg.crop, cfg.upsample or cfg.crop, device=device)
+            d = trunk(x).flatten(1).shape[1]
+        return np.zeros((0, d), dtype=np.float32)
+    return torch.cat(chunks).numpy().astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------------------- the probe
+def _targets(labels: np.ndarray, kind: str) -> tuple[torch.Tensor, int]:
+    """All N labels as the loss expects them, and the head's output width."""
+    if kind == "multilabel":
+        y = np.asarray(labels, dtype=np.float32)
+        if y.ndim != 2:
+            raise ValueError(f"multilabel labels must be (N, K), got shape {y.shape}")
+        return torch.from_numpy(y), y.shape[1]
+    if kind == "binary":
+        y = np.asarray(labels, dtype=np.float32)
+        if not (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)):
+            raise ValueError(f"binary labels must be (N,) or (N, 1), got shape {y.shape}")
+        return torch.from_numpy(y.reshape(-1, 1)), 1
+    if kind == "multiclass":
+        y = np.asarray(labels)
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"multiclass labels must be (N,) integer class ids, got {y.dtype} {y.shape}")
+        if len(y) and y.min() < 0:
+            raise ValueError("multiclass labels must be >= 0")
+        return torch.from_numpy(y.astype(np.int64)), int(y.max()) + 1 if len(y) else 0
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def _loss(kind: str, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    if kind == "multiclass":
+        return nnf.cross_entropy(logits, y, reduction=reduction)
+    return nnf.binary_cross_entropy_with_logits(logits, y, reduction=reduction)
+
+
+def _metrics(kind: str, y: np.ndarray, logits: np.ndarray) -> dict:
+    if kind == "multilabel":
+        macro, per_label = macro_auc(y, logits)
+        return {"auc": macro, "auc_per_label": per_label, "auc_skipped": [k for k, a in enumerate(per_label) if a is None]}
+    if kind == "binary":
+        y = y.reshape(-1)
+        return {"auc": roc_auc(y, logits.reshape(-1)) if _defined(y) else float("nan")}
+    out = {"acc": accuracy(y, logits)}
+    n_cls = logits.shape[1]
+    prob = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+    onehot = (y[:, None] == np.arange(n_cls)[None, :]).astype(np.float64)
+    macro, per_class = macro_auc(onehot, prob)
+    if not math.isnan(macro):
+        out["auc"] = macro
+        out["auc_skipped"] = [k for k, a in enumerate(per_class) if a is None]
+    return out
+
+
+def _main_metric(kind: str) -> str:
+    return "acc" if kind == "multiclass" else "auc"
+
+
+def _init_head(d_in: int, d_out: int, generator: torch.Generator) -> nn.Linear:
+    """nn.Linear with PyTorch's default init (U(-1/sqrt(d_in), 1/sqrt(d_in))), drawn from ``generator``."""
+    head = nn.Linear(d_in, d_out)
+    bound = 1.0 / math.sqrt(d_in) if d_in > 0 else 0.0
+    with torch.no_grad():
+        head.weight.copy_(torch.rand(d_out, d_in, generator=generator) * (2 * bound) - bound)
+        head.bias.copy_(torch.rand(d_out, generator=generator) * (2 * bound) - bound)
+    return head
+
+
+def _evaluate(head: nn.Linear, feats: torch.Tensor, y: torch.Tensor, kind: str, bs: int) -> tuple[float, np.ndarray]:
+    """Mean loss and logits of the head on cached features (on the head's device)."""
+    head.eval()
+    total = 0.0
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(feats), bs):
+            z = head(feats[i : i + bs])
+            total += _loss(kind, z, y[i : i + bs], reduction="sum").item()
+            out.append(z.float().cpu())
+    n = len(feats) * (y.shape[1] if y.dim() == 2 else 1)  # BCE's mean is over elements
+    return total / max(n, 1), torch.cat(out).numpy() if out else np.zeros((0, head.out_features), np.float32)
+
+
+def linear_probe(
+    trunk: nn.Module | None,
+    images_u8: np.ndarray | None,
+    labels: np.ndarray,
+    train_rows: np.ndarray,
+    valid_rows: np.ndarray,
+    test_rows: np.ndarray,
+    kind: str,
+    cfg: ClassifyConfig,
+    device: torch.device | str,
+    seed: int,
+    features: np.ndarray | None = None,
+    log: Callable[[dict], None] | None = None,
+    progress: bool = True,
+    cache_features: bool = True,
+    channels_last: bool = True,
+) -> dict:
+    """Train a linear head on the frozen ``trunk`` and return the test metrics of the best epoch.
+
+    ``kind``: "multilabel" (labels (N, K) 0/1), "binary" (labels (N,) or (N, 1) 0/1) or "multiclass"
+    (labels (N,) integer class ids); ``*_rows`` index the N images / labels. ``features``: optional
+    (N, D) features of ALL rows (as :func:`encode_features` gives), used when ``cfg.augment`` is False;
+    then ``trunk`` / ``images_u8`` may be None. ``cache_features=False`` forces the on-the-fly path even
+    without augmentation (same result as the cached path up to floating-point batching effects).
+    ``log``: called once per epoch with {"epoch", "train_loss", "valid_loss", "valid_metric"} (epochs
+    count from 1).
+
+    Returns {"auc" | "acc" (+ "auc"), ..., "best_epoch", "epochs_run", "n_train", "best_valid_loss"}:
+    multilabel adds "auc_per_label" (None where a label has one class in test) and "auc_skipped".
+    """
+    device = torch.device(device)
+    train_rows = np.asarray(train_rows, dtype=np.int64).reshape(-1)
+    valid_rows = np.asarray(valid_rows, dtype=np.int64).reshape(-1)
+    test_rows = np.asarray(test_rows, dtype=np.int64).reshape(-1)
+    if len(train_rows) == 0 or len(valid_rows) == 0 or len(test_rows) == 0:
+        raise ValueError(f"linear_probe needs train, valid and test rows, got {len(train_rows)}, "
+                         f"{len(valid_rows)}, {len(test_rows)}")  # fmt: skip
+    y_all, n_out = _targets(labels, kind)
+    on_the_fly = cfg.augment or not cache_features
+    if trunk is not None:
+        if on_the_fly or features is None:
+            _prepare_trunk(trunk, device, channels_last)
+        else:  # unused: features are given
+            _freeze(trunk)
+    elif on_the_fly or features is None:
+        raise ValueError("linear_probe: a trunk is needed unless features are given and augment is False")
+
+    def feats_of(rows: np.ndarray) -> torch.Tensor:
+        if features is not None:
+            return torch.from_numpy(np.ascontiguousarray(features[rows], dtype=np.float32)).to(device)
+        return torch.from_numpy(encode_features(trunk, images_u8, rows, cfg, device, progress, channels_last)).to(device)
+
+    if features is not None and len(features) != len(y_all):
+        raise ValueError(f"features has {len(features)} rows but labels {len(y_all)}: pass features of ALL rows")
+    f_valid, f_test = feats_of(valid_rows), feats_of(test_rows)
+    f_train = None if on_the_fly else feats_of(train_rows)
+    y_train, y_valid, y_test = (y_all[torch.from_numpy(r)].to(device) for r in (train_rows, valid_rows, test_rows))
+    d_in = f_valid.shape[1]
+
+    g_init = torch.Generator().manual_seed(seed)
+    g_order = torch.Generator().manual_seed(seed + 1_000_003)
+    g_aug = torch.Generator().manual_seed(seed + 2_000_006)
+    head = _init_head(d_in, n_out, g_init).to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    best = {"loss": math.inf, "epoch": 0, "state": None}
+    bad = 0
+    epoch = 0
+    for epoch in range(1, cfg.max_epochs + 1):
+        perm = torch.randperm(len(train_rows), generator=g_order)
+        head.train()
+        loss_sum, n_seen = 0.0, 0
+        for i in range(0, len(perm), cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            if on_the_fly:
+                x = _load_u8(images_u8, train_rows[idx.numpy()], device)
+                if cfg.augment:
+                    x = random_crop_normalize(x, cfg.crop, g_aug)
+                    if cfg.moco_aug:
+                        x = moco_photometric(x, g_aug)
+                else:
+                    x = center_crop_normalize(x, cfg.crop)
+                f = _trunk_forward(trunk, x, cfg, channels_last)
+            else:
+                f = f_train[idx.to(device)]
+            yb = y_train[idx.to(device)]
+            loss = _loss(kind, head(f), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+            n_seen += len(idx)
+        valid_loss, valid_logits = _evaluate(head, f_valid, y_valid, kind, cfg.eval_batch_size)
+        valid_metric = _metrics(kind, y_valid.cpu().numpy(), valid_logits)[_main_metric(kind)]
+        if log is not None:
+            log({"epoch": epoch, "train_loss": loss_sum / n_seen, "valid_loss": valid_loss, "valid_metric": valid_metric})
+        if valid_loss < best["loss"]:
+            best = {"loss": valid_loss, "epoch": epoch, "state": {k: v.detach().clone() for k, v in head.state_dict().items()}}
+            bad = 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    if best["state"] is None:  # every validation loss was NaN: keep the last head
+        best = {"loss": float("nan"), "epoch": epoch, "state": head.state_dict()}
+    head.load_state_dict(best["state"])
+    _, test_logits = _evaluate(head, f_test, y_test, kind, cfg.eval_batch_size)
+    out = _metrics(kind, y_test.cpu().numpy(), test_logits)
+    out.update(best_epoch=int(best["epoch"]), epochs_run=int(epoch), n_train=int(len(train_rows)),
+               best_valid_loss=float(best["loss"]))  # fmt: skip
+    return out

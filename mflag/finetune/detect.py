@@ -1,0 +1,571 @@
+"""YOLOv3-style detection on a frozen ResNet-50 (MGCA protocol): jobs det_rsna and det_objcxr, one class.
+
+Model. The pretrained ResNet-50 is frozen (``requires_grad_(False)``, always in eval mode, batch-norm
+statistics untouched) and gives layer2 (512 channels, stride 8), layer3 (1024, stride 16) and layer4
+(2048, stride 32). A YOLOv3 neck and head are trained on them: from the coarsest map down, a set of
+five convolutions (1x1, 3x3, 1x1, 3x3, 1x1; each conv + BN + LeakyReLU 0.1), a 1x1 reduction,
+nearest upsampling x2 and concatenation with the next finer map; per scale a 3x3 conv block and a 1x1
+output conv giving 3 anchors x (tx, ty, tw, th, objectness, class). Widths are YOLOv3's (512 / 256 /
+128 in the sets, doubled in the 3x3 convs). The output convs' objectness bias starts at logit(0.01)
+(a prior, not in the YOLOv3 paper; it keeps the summed objectness BCE of the first steps small).
+
+Anchors: the YOLOv3 COCO anchors scaled by input_size / 416; the first three belong to stride 8.
+
+Targets and loss (YOLOv3). Each ground-truth box goes to the anchor (of all 9) whose shape (width,
+height) has the best IoU with it, in the grid cell of its centre at that anchor's scale (a later box
+that lands on the same anchor and cell replaces an earlier one). Loss, summed over cells and divided
+by the batch size:
+  * box: MSE on (sigmoid(tx), sigmoid(ty)) against the centre's offset within its cell, and on
+    (tw, th) against log(box size / anchor size) -- positives only;
+  * objectness: BCE, positives 1, negatives 0, except negatives whose decoded box already overlaps a
+    truth of their image with IoU > 0.5, which are ignored;
+  * class: BCE against 1 at the positives (one class).
+
+Training. No augmentation and a frozen encoder: the three feature maps of every image are computed
+once (no grad, eval mode, channels_last, in the configured precision) and only the neck/head is
+trained on them, with AdamW; the validation mAP after every epoch selects the checkpoint and stops
+training after `patience` epochs without improvement. Input: the uint8 cache resized bilinearly
+(antialiased when shrinking) to `input_size`, grey replicated to 3 channels, mean = std = 0.5; boxes
+are scaled with the image.
+
+Inference: score = sigmoid(objectness) x sigmoid(class); boxes with score > conf_threshold, clipped to
+the image, NMS at nms_iou (torchvision.ops.nms), at most 100 per image.
+
+Metric: the mean over `iou_thresholds` of COCO's single-class average precision (pycocotools'
+matching and 101-point interpolated precision, area "all", no crowd), over all test images. With
+``drop_empty`` the images with no prediction or no ground-truth box are left out first, as the
+reference code does (that inflates the value; kept only for comparison).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.ops import nms
+
+from mflag.models import resnet50_trunk
+
+STRIDES = (8, 16, 32)
+COCO_ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119), (116, 90), (156, 198), (373, 326))
+ANCHORS_PER_SCALE = 3
+N_OUT = 6  # tx, ty, tw, th, objectness, class
+MAX_DETECTIONS = 100
+IGNORE_IOU = 0.5
+OBJ_PRIOR = 0.01
+MAX_LOG_WH = 8.0  # clamp of tw, th when decoding (exp(8) ~ 3000 anchors wide): no inf boxes early on
+TRAIN_FEATURE_WIDTHS = (512, 1024, 2048)  # layer2, layer3, layer4
+YOLO_WIDTHS = (128, 256, 512)  # YOLOv3's neck widths at strides 8, 16, 32
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    lr: float
+    weight_decay: float  # MGCA: 1e-6
+    batch_size: int
+    max_epochs: int  # MGCA: 50
+    patience: int  # MGCA: 10 (early stopping on validation mAP)
+    input_size: int  # MGCA: 224
+    conf_threshold: float  # 0.5
+    nms_iou: float  # 0.5
+    iou_thresholds: tuple[float, ...]  # 0.40, 0.45, ..., 0.75
+    drop_empty_test: bool  # the reference's inflated test mAP (images without prediction or truth dropped)
+    eval_batch_size: int
+    precision: str  # fp32 | bf16
+
+
+def _autocast_dtype(precision: str) -> torch.dtype | None:
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"detection precision must be fp32 or bf16, got {precision!r}")
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def yolo_anchors(input_size: int) -> torch.Tensor:
+    """The 9 YOLOv3 COCO anchors (width, height) in pixels of an `input_size` input: (9, 2) float32."""
+    return torch.tensor(COCO_ANCHORS, dtype=torch.float32) * (input_size / 416.0)
+
+
+# ---------------------------------------------------------------------------------------------- model
+class ConvBNLeaky(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int, k: int):
+        super().__init__(
+            nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.LeakyReLU(0.1, inplace=True),
+        )
+
+
+def _conv_set(c_in: int, c: int) -> nn.Sequential:
+    """YOLOv3's five-conv block: 1x1 c, 3x3 2c, 1x1 c, 3x3 2c, 1x1 c."""
+    return nn.Sequential(
+        ConvBNLeaky(c_in, c, 1), ConvBNLeaky(c, 2 * c, 3), ConvBNLeaky(2 * c, c, 1), ConvBNLeaky(c, 2 * c, 3),
+        ConvBNLeaky(2 * c, c, 1),
+    )  # fmt: skip
+
+
+class YoloHead(nn.Module):
+    """Neck + head on (stride 8, 16, 32) maps -> 3 raw maps (B, 3, H, W, 6), finest first."""
+
+    def __init__(self, in_channels: Sequence[int] = TRAIN_FEATURE_WIDTHS, widths: Sequence[int] = YOLO_WIDTHS,
+                 n_anchors: int = ANCHORS_PER_SCALE):  # fmt: skip
+        super().__init__()
+        c8, c16, c32 = in_channels
+        w8, w16, w32 = widths
+        self.n_anchors = n_anchors
+        self.set32 = _conv_set(c32, w32)
+        self.reduce32 = ConvBNLeaky(w32, w16, 1)
+        self.set16 = _conv_set(c16 + w16, w16)
+        self.reduce16 = ConvBNLeaky(w16, w8, 1)
+        self.set8 = _conv_set(c8 + w8, w8)
+        self.out = nn.ModuleList(
+            nn.Sequential(ConvBNLeaky(w, 2 * w, 3), nn.Conv2d(2 * w, n_anchors * N_OUT, 1)) for w in (w8, w16, w32)
+        )
+        prior = math.log(OBJ_PRIOR / (1.0 - OBJ_PRIOR))
+        with torch.no_grad():
+            for branch in self.out:
+                bias = branch[-1].bias.view(n_anchors, N_OUT)
+                bias.zero_()
+                bias[:, 4] = prior
+
+    @staticmethod
+    def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        # x2 nearest upsampling; `size` also covers inputs that are not multiples of 32
+        return F.interpolate(x, size=like.shape[-2:], mode="nearest")
+
+    def forward(self, f8: torch.Tensor, f16: torch.Tensor, f32: torch.Tensor) -> list[torch.Tensor]:
+        x32 = self.set32(f32)
+        x16 = self.set16(torch.cat([self._up(self.reduce32(x32), f16), f16], 1))
+        x8 = self.set8(torch.cat([self._up(self.reduce16(x16), f8), f8], 1))
+        outs = []
+        for branch, x in zip(self.out, (x8, x16, x32)):
+            y = branch(x)
+            b, _, h, w = y.shape
+            outs.append(y.view(b, self.n_anchors, N_OUT, h, w).permute(0, 1, 3, 4, 2))
+        return outs
+
+
+class YoloDetector(nn.Module):
+    """Frozen ResNet-50 trunk + trainable YOLOv3 neck/head. forward(images) -> 3 raw maps (B, 3, H, W, 6)."""
+
+    def __init__(self, trunk: nn.Module, widths: Sequence[int] = YOLO_WIDTHS):
+        super().__init__()
+        self.trunk = trunk
+        self.trunk.requires_grad_(False)
+        self.trunk.eval()
+        self.head = YoloHead(TRAIN_FEATURE_WIDTHS, widths)
+
+    def train(self, mode: bool = True) -> "YoloDetector":
+        super().train(mode)
+        self.trunk.eval()  # frozen: batch-norm statistics never move
+        return self
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """layer2, layer3, layer4 maps (strides 8, 16, 32) of the frozen trunk."""
+        self.trunk.eval()
+        t = self.trunk
+        x = t.maxpool(t.relu(t.bn1(t.conv1(images))))
+        c2 = t.layer2(t.layer1(x))
+        c3 = t.layer3(c2)
+        c4 = t.layer4(c3)
+        return c2, c3, c4
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.head(*self.features(images))
+
+
+def build_detector(trunk_state: dict, seed: int, widths: Sequence[int] = YOLO_WIDTHS) -> YoloDetector:
+    """The detector of train_detector before training: the trunk from (a copy of) `trunk_state`, the head
+    drawn from `seed`."""
+    with torch.device("meta"):  # no random init of 25M weights that are overwritten at once
+        trunk = resnet50_trunk()
+    trunk.load_state_dict({k: v.detach().clone() for k, v in trunk_state.items()}, assign=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return YoloDetector(trunk, widths)
+
+
+# ------------------------------------------------------------------------------------ decoding, targets
+def _decode_boxes(raw: torch.Tensor, anchors: torch.Tensor, stride: int) -> torch.Tensor:
+    """raw (B, A, H, W, >=4), anchors (A, 2) -> boxes (B, A, H, W, 4) x1, y1, x2, y2 in input pixels."""
+    _, a, h, w, _ = raw.shape
+    gy = torch.arange(h, device=raw.device, dtype=raw.dtype).view(1, 1, h, 1)
+    gx = torch.arange(w, device=raw.device, dtype=raw.dtype).view(1, 1, 1, w)
+    cx = (raw[..., 0].sigmoid() + gx) * stride
+    cy = (raw[..., 1].sigmoid() + gy) * stride
+    aw = anchors[:, 0].to(raw).view(1, a, 1, 1)
+    ah = anchors[:, 1].to(raw).view(1, a, 1, 1)
+    bw = aw * raw[..., 2].clamp(max=MAX_LOG_WH).exp()
+    bh = ah * raw[..., 3].clamp(max=MAX_LOG_WH).exp()
+    return torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
+
+
+def decode_and_nms(outputs: Sequence[torch.Tensor], cfg: DetectConfig) -> list[np.ndarray]:
+    """Raw maps -> per image an (n, 5) float32 array x1, y1, x2, y2, score (input pixels), best first."""
+    anchors = yolo_anchors(cfg.input_size)
+    boxes, scores = [], []
+    for s, (raw, stride) in enumerate(zip(outputs, STRIDES)):
+        raw = raw.detach().float()
+        b = raw.shape[0]
+        anc = anchors[s * ANCHORS_PER_SCALE : (s + 1) * ANCHORS_PER_SCALE]
+        boxes.append(_decode_boxes(raw, anc, stride).reshape(b, -1, 4))
+        scores.append((raw[..., 4].sigmoid() * raw[..., 5].sigmoid()).reshape(b, -1))
+    boxes_all = torch.cat(boxes, 1).clamp_(0.0, float(cfg.input_size))
+    scores_all = torch.cat(scores, 1)
+    result = []
+    for bx, sc in zip(boxes_all, scores_all):
+        keep = sc > cfg.conf_threshold
+        bx, sc = bx[keep], sc[keep]
+        if len(sc):
+            k = nms(bx, sc, cfg.nms_iou)[:MAX_DETECTIONS]  # indices by decreasing score
+            bx, sc = bx[k], sc[k]
+        result.append(torch.cat([bx, sc[:, None]], 1).cpu().numpy().astype(np.float32))
+    return result
+
+
+def assign_targets(
+    truths: Sequence[np.ndarray], anchors: torch.Tensor, grid_sizes: Sequence[tuple[int, int]]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """YOLOv3 assignment. truths: per image (n, 4) x1, y1, x2, y2 in input pixels; anchors (9, 2);
+    grid_sizes: (H, W) per scale, finest first. Returns per scale `obj` (B, 3, H, W) bool and `box`
+    (B, 3, H, W, 4) float32 targets: centre offset in the cell (x, y), log(w / anchor w), log(h / anchor h)."""
+    anc = anchors.detach().cpu().double().numpy()
+    bsz = len(truths)
+    obj = [np.zeros((bsz, ANCHORS_PER_SCALE, h, w), bool) for h, w in grid_sizes]
+    box = [np.zeros((bsz, ANCHORS_PER_SCALE, h, w, 4), np.float32) for h, w in grid_sizes]
+    for b, t in enumerate(truths):
+        for x1, y1, x2, y2 in np.asarray(t, np.float64).reshape(-1, 4):
+            bw, bh = x2 - x1, y2 - y1
+            if not (bw > 0 and bh > 0):
+                continue
+            inter = np.minimum(bw, anc[:, 0]) * np.minimum(bh, anc[:, 1])
+            shape_iou = inter / (bw * bh + anc[:, 0] * anc[:, 1] - inter)
+            k = int(np.argmax(shape_iou))
+            s, a = divmod(k, ANCHORS_PER_SCALE)
+            stride, (gh, gw) = STRIDES[s], grid_sizes[s]
+            fx, fy = (x1 + x2) / 2 / stride, (y1 + y2) / 2 / stride
+            gx = min(max(int(math.floor(fx)), 0), gw - 1)
+            gy = min(max(int(math.floor(fy)), 0), gh - 1)
+            obj[s][b, a, gy, gx] = True
+            box[s][b, a, gy, gx] = (
+                min(max(fx - gx, 0.0), 1.0),
+                min(max(fy - gy, 0.0), 1.0),
+                math.log(bw / anc[k, 0]),
+                math.log(bh / anc[k, 1]),
+            )
+    return obj, box
+
+
+def _pairwise_iou_batched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (B, N, 4), b (B, T, 4) x1y1x2y2 -> (B, N, T)."""
+    lt = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
+    rb = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
+    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
+    return inter / (area_a[:, :, None] + area_b[:, None, :] - inter).clamp(min=1e-12)
+
+
+def yolo_loss(
+    outputs: Sequence[torch.Tensor], truths: Sequence[np.ndarray], input_size: int
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The YOLOv3 loss of raw maps (float) against per-image truth boxes in input pixels; see the module doc."""
+    device = outputs[0].device
+    bsz = outputs[0].shape[0]
+    anchors = yolo_anchors(input_size)
+    obj_t, box_t = assign_targets(truths, anchors, [tuple(o.shape[2:4]) for o in outputs])
+    valid = [np.asarray(t, np.float32).reshape(-1, 4) for t in truths]
+    n_max = max((len(t) for t in valid), default=0)
+    padded = torch.zeros(bsz, max(n_max, 1), 4)
+    present = torch.zeros(bsz, max(n_max, 1), dtype=torch.bool)
+    for b, t in enumerate(valid):
+        padded[b, : len(t)] = torch.from_numpy(t)
+        present[b, : len(t)] = True
+    padded, present = padded.to(device), present.to(device)
+    loss_box = outputs[0].new_zeros(())
+    loss_obj = outputs[0].new_zeros(())
+    loss_cls = outputs[0].new_zeros(())
+    for s, raw in enumerate(outputs):
+        pos = torch.from_numpy(obj_t[s]).to(device)
+        tgt = torch.from_numpy(box_t[s]).to(device)
+        with torch.no_grad():
+            anc = anchors[s * ANCHORS_PER_SCALE : (s + 1) * ANCHORS_PER_SCALE]
+            pred = _decode_boxes(raw.detach(), anc, STRIDES[s]).reshape(bsz, -1, 4)
+            iou = _pairwise_iou_batched(pred, padded).masked_fill(~present[:, None, :], 0.0)
+            ignore = (iou.amax(-1) > IGNORE_IOU).view(pos.shape) & ~pos
+        counted = ~ignore
+        loss_obj = loss_obj + F.binary_cross_entropy_with_logits(
+            raw[..., 4][counted], pos[counted].to(raw.dtype), reduction="sum"
+        )
+        if pos.any():
+            p, t = raw[pos], tgt[pos]
+            loss_box = loss_box + ((p[:, :2].sigmoid() - t[:, :2]) ** 2).sum() + ((p[:, 2:4] - t[:, 2:]) ** 2).sum()
+            loss_cls = loss_cls + F.binary_cross_entropy_with_logits(p[:, 5], torch.ones_like(p[:, 5]), reduction="sum")
+    total = (loss_box + loss_obj + loss_cls) / bsz
+    parts = {"loss_box": loss_box.item() / bsz, "loss_obj": loss_obj.item() / bsz, "loss_cls": loss_cls.item() / bsz}
+    return total, parts
+
+
+# ------------------------------------------------------------------------------------------------ metric
+def _iou_matrix(d: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """(D, 4), (G, 4) x1y1x2y2 -> (D, G) IoU, float64 (COCO's bbox IoU, no crowd)."""
+    d, g = d.astype(np.float64), g.astype(np.float64)
+    iw = np.minimum(d[:, None, 2], g[None, :, 2]) - np.maximum(d[:, None, 0], g[None, :, 0])
+    ih = np.minimum(d[:, None, 3], g[None, :, 3]) - np.maximum(d[:, None, 1], g[None, :, 1])
+    inter = np.where((iw > 0) & (ih > 0), iw * ih, 0.0)
+    ad = (d[:, 2] - d[:, 0]) * (d[:, 3] - d[:, 1])
+    ag = (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1])
+    union = ad[:, None] + ag[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(inter > 0, inter / union, 0.0)
+
+
+def average_precisions(
+    preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], iou_thresholds: Sequence[float], drop_empty: bool = False
+) -> np.ndarray:
+    """Per IoU threshold, COCO's single-class AP over all images (pycocotools' greedy matching by score,
+    101-point interpolated precision). preds: per image (n, 5) x1, y1, x2, y2, score; truths: per image
+    (m, 4). NaN where there is no truth box at all."""
+    if len(preds) != len(truths):
+        raise ValueError(f"{len(preds)} prediction lists for {len(truths)} images")
+    thr = np.asarray(iou_thresholds, np.float64)
+    rec_thrs = np.linspace(0.0, 1.0, 101)
+    scores, tps, n_truth = [], [], 0
+    for p, g in zip(preds, truths):
+        p = np.asarray(p, np.float64).reshape(-1, 5)
+        g = np.asarray(g, np.float64).reshape(-1, 4)
+        if drop_empty and (len(p) == 0 or len(g) == 0):
+            continue
+        n_truth += len(g)
+        if len(p) == 0:
+            continue
+        p = p[np.argsort(-p[:, 4], kind="mergesort")]
+        tp = np.zeros((len(thr), len(p)), bool)
+        if len(g):
+            ious = _iou_matrix(p[:, :4], g)
+            best_any = ious.max(1)
+            for ti, t in enumerate(thr):
+                matched = np.zeros(len(g), bool)
+                floor = min(t, 1 - 1e-10)
+                for di in np.flatnonzero(best_any >= floor):  # the others cannot match anything
+                    cand = np.where(matched, -1.0, ious[di])
+                    best = cand.max()
+                    if best < floor:
+                        continue
+                    gi = len(g) - 1 - int(np.argmax(cand[::-1] == best))  # ties: the last truth, as COCOeval
+                    matched[gi] = True
+                    tp[ti, di] = True
+                    if matched.all():
+                        break
+        scores.append(p[:, 4])
+        tps.append(tp)
+    if n_truth == 0:
+        return np.full(len(thr), np.nan)
+    if not scores:
+        return np.zeros(len(thr))
+    order = np.argsort(-np.concatenate(scores), kind="mergesort")
+    tp_all = np.concatenate(tps, 1)[:, order]
+    out = np.zeros(len(thr))
+    for ti in range(len(thr)):
+        tp_c = np.cumsum(tp_all[ti]).astype(np.float64)
+        fp_c = np.cumsum(~tp_all[ti]).astype(np.float64)
+        rc = tp_c / n_truth
+        pr = tp_c / (fp_c + tp_c + np.spacing(1))
+        pr = np.maximum.accumulate(pr[::-1])[::-1]  # precision envelope
+        idx = np.searchsorted(rc, rec_thrs, side="left")
+        q = np.zeros(len(rec_thrs))
+        ok = idx < len(pr)
+        q[ok] = pr[idx[ok]]
+        out[ti] = q.mean()
+    return out
+
+
+def mean_average_precision(
+    preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], iou_thresholds: Sequence[float], drop_empty: bool = False
+) -> float:
+    """Mean over `iou_thresholds` of average_precisions (NaN when no image has a truth box)."""
+    return float(np.mean(average_precisions(preds, truths, iou_thresholds, drop_empty)))
+
+
+# -------------------------------------------------------------------------------------------- training
+def _prepare_images(images_u8: np.ndarray, rows: np.ndarray, input_size: int, device: torch.device) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(images_u8[rows])).to(device)
+    x = x[:, None].float()
+    if x.shape[-1] != input_size or x.shape[-2] != input_size:
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
+    x = x / 127.5 - 1.0  # mean = std = 0.5 on [0, 1]
+    return x.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
+
+
+def encode_features(
+    model: YoloDetector, images_u8: np.ndarray, rows: np.ndarray, cfg: DetectConfig, device: torch.device
+) -> list[torch.Tensor]:
+    """The frozen trunk's three maps for `rows`, in the storage dtype (bf16 under bf16, else fp32); kept on
+    the device when they take under half of its free memory, else on the host."""
+    dtype = _autocast_dtype(cfg.precision)
+    store_dtype = dtype or torch.float32
+    rows = np.asarray(rows, np.int64)
+    n, s = len(rows), cfg.input_size
+    sizes = [(c, -(-s // st)) for c, st in zip(TRAIN_FEATURE_WIDTHS, STRIDES)]
+    model.trunk.to(device, memory_format=torch.channels_last)
+    store = torch.device("cpu")
+    if device.type == "cuda":
+        need = n * sum(c * g * g for c, g in sizes) * torch.finfo(store_dtype).bits // 8
+        if need < 0.5 * torch.cuda.mem_get_info(device)[0]:
+            store = device
+    feats: list[torch.Tensor] | None = None
+    for start in range(0, n, cfg.eval_batch_size):
+        x = _prepare_images(images_u8, rows[start : start + cfg.eval_batch_size], s, device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            maps = model.features(x)
+        if feats is None:
+            feats = [torch.empty((n, *m.shape[1:]), dtype=store_dtype, device=store) for m in maps]
+        for f, m in zip(feats, maps):
+            f[start : start + len(m)] = m.to(store, store_dtype)
+    if feats is None:
+        feats = [torch.empty((0, c, g, g), dtype=store_dtype, device=store) for c, g in sizes]
+    return feats
+
+
+def _scaled_truths(boxes: dict[int, np.ndarray], rows: np.ndarray, scale: float) -> list[np.ndarray]:
+    out = []
+    for r in rows:
+        b = boxes.get(int(r))
+        b = np.zeros((0, 4), np.float32) if b is None else np.asarray(b, np.float32).reshape(-1, 4)
+        out.append(b * np.float32(scale))
+    return out
+
+
+@torch.no_grad()
+def predict_features(
+    head: YoloHead, feats: list[torch.Tensor], cfg: DetectConfig, device: torch.device
+) -> list[np.ndarray]:
+    """decode_and_nms of the head's outputs on cached feature maps, in eval_batch_size batches."""
+    head.eval()
+    dtype = _autocast_dtype(cfg.precision)
+    preds: list[np.ndarray] = []
+    for start in range(0, len(feats[0]), cfg.eval_batch_size):
+        x = [f[start : start + cfg.eval_batch_size].to(device, non_blocking=True) for f in feats]
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outs = head(*x)
+        preds.extend(decode_and_nms([o.float() for o in outs], cfg))
+    return preds
+
+
+def train_detector(
+    trunk_state: dict,
+    images_u8: np.ndarray,
+    boxes: dict[int, np.ndarray],
+    train_rows: np.ndarray,
+    valid_rows: np.ndarray,
+    test_rows: np.ndarray,
+    cfg: DetectConfig,
+    device: torch.device | str,
+    seed: int,
+    log: Callable[[dict], None] | None = None,
+    return_model: bool = False,
+    widths: Sequence[int] = YOLO_WIDTHS,
+) -> dict:
+    """Train the YOLOv3 neck/head on the frozen trunk and score the test rows.
+
+    boxes: cache row -> (n, 4) x1, y1, x2, y2 in cache pixels (rows without boxes absent or empty).
+    Returns {"map", "map_per_iou", "best_epoch", "epochs_run", "n_train", "n_test", "n_test_scored",
+    "valid_map", "feature_seconds", "train_images_per_second"} (+ "model", on the CPU, with return_model).
+    A trailing batch of a single image is dropped (train-mode batch norm on a 1x1 map cannot take it).
+    `widths`: the neck's widths (YOLOv3's by default; tests use narrower ones to stay fast).
+    """
+    device = torch.device(device)
+    _autocast_dtype(cfg.precision)
+    train_rows, valid_rows, test_rows = (np.asarray(r, np.int64) for r in (train_rows, valid_rows, test_rows))
+    if len(train_rows) == 0:
+        raise ValueError("detection: no training rows")
+    scale = cfg.input_size / images_u8.shape[-1]
+    model = build_detector(trunk_state, seed, widths).to(device)
+    head = model.head
+    dtype = _autocast_dtype(cfg.precision)
+
+    t0 = time.perf_counter()
+    train_feats = encode_features(model, images_u8, train_rows, cfg, device)
+    valid_feats = encode_features(model, images_u8, valid_rows, cfg, device)
+    feature_seconds = time.perf_counter() - t0
+    train_truths = _scaled_truths(boxes, train_rows, scale)
+    valid_truths = _scaled_truths(boxes, valid_rows, scale)
+
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_train = len(train_rows)
+    best_map, best_epoch, best_state, waited, epochs_run = -math.inf, 0, copy.deepcopy(head.state_dict()), 0, 0
+    best_valid_map = float("nan")
+    train_time, train_seen = 0.0, 0
+    for epoch in range(1, cfg.max_epochs + 1):
+        head.train()
+        perm = np.random.default_rng([seed, epoch]).permutation(n_train)
+        batches = [perm[i : i + cfg.batch_size] for i in range(0, n_train, cfg.batch_size)]
+        if len(batches) > 1 and len(batches[-1]) == 1:
+            batches.pop()
+        sums = {"loss": 0.0, "loss_box": 0.0, "loss_obj": 0.0, "loss_cls": 0.0}
+        te = time.perf_counter()
+        for idx in batches:
+            it = torch.from_numpy(idx)
+            x = [f[it.to(f.device)].to(device, non_blocking=True) for f in train_feats]
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                outs = head(*x)
+            loss, parts = yolo_loss([o.float() for o in outs], [train_truths[i] for i in idx], cfg.input_size)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sums["loss"] += loss.item() * len(idx)
+            for k, v in parts.items():
+                sums[k] += v * len(idx)
+        seen = sum(len(b) for b in batches)
+        train_time += time.perf_counter() - te
+        train_seen += seen
+        valid_preds = predict_features(head, valid_feats, cfg, device)
+        valid_aps = average_precisions(valid_preds, valid_truths, cfg.iou_thresholds)
+        valid_map = float(np.mean(valid_aps))
+        epochs_run = epoch
+        score = -1.0 if math.isnan(valid_map) else valid_map  # no validation box: the first epoch stays best
+        improved = score > best_map
+        if improved:
+            best_map, best_epoch, waited, best_valid_map = score, epoch, 0, valid_map
+            best_state = copy.deepcopy(head.state_dict())
+        else:
+            waited += 1
+        if log is not None:
+            log({"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}, "valid_map": valid_map,
+                 "best": improved, "seconds": time.perf_counter() - te})  # fmt: skip
+        if waited >= cfg.patience:
+            break
+
+    head.load_state_dict(best_state)
+    del train_feats, valid_feats
+    t1 = time.perf_counter()
+    test_feats = encode_features(model, images_u8, test_rows, cfg, device)
+    feature_seconds += time.perf_counter() - t1
+    test_truths = _scaled_truths(boxes, test_rows, scale)
+    test_preds = predict_features(head, test_feats, cfg, device)
+    aps = average_precisions(test_preds, test_truths, cfg.iou_thresholds, drop_empty=cfg.drop_empty_test)
+    n_scored = len(test_rows)
+    if cfg.drop_empty_test:
+        n_scored = sum(1 for p, g in zip(test_preds, test_truths) if len(p) and len(g))
+    result = {
+        "map": float(np.mean(aps)),
+        "map_per_iou": [float(a) for a in aps],
+        "best_epoch": best_epoch,
+        "epochs_run": epochs_run,
+        "n_train": n_train,
+        "n_test": len(test_rows),
+        "n_test_scored": n_scored,
+        "valid_map": best_valid_map,
+        "feature_seconds": feature_seconds,
+        "train_images_per_second": train_seen / train_time if train_time > 0 else float("nan"),
+    }
+    if return_model:
+        result["model"] = model.cpu()
+    return result

@@ -1,0 +1,132 @@
+"""Stage `finetune@<job>-<pct>-<init>`: one downstream cell (job x data fraction x encoder init).
+
+Reads the job's cache (data/cache/<dataset>) and an encoder (models/<init>/vision_encoder.safetensors),
+runs the job's protocol (linear probe, U-Net segmentation or YOLOv3-style detection) and writes
+reports/finetune/<job>-<pct>-<init>/metrics.json: the test metric(s), the best epoch, the number of
+training images and the resolved params.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file
+
+from mflag.config import to_dict
+from mflag.distributed import resolve_device
+from mflag.finetune.data import JOBS, load_task_data
+from mflag.io import git_revision, write_json
+from mflag.models import load_trunk
+from mflag.params import load_or_exit
+
+INITS = ("mflag", "random", "imagenet")
+
+
+def _encoder_path(init: str) -> Path:
+    path = Path("models") / init / "vision_encoder.safetensors"
+    if not path.is_file():
+        hint = {
+            "imagenet": "the imagenet init needs torchvision's ImageNet ResNet-50 converted to "
+            "models/imagenet/vision_encoder.safetensors (not shipped; see README, 'Encoder inits')",
+            "mflag": "run the pretrain stage first (dvc repro pretrain)",
+            "random": "run the init_random stage first (dvc repro init_random)",
+        }[init]
+        sys.exit(f"error: finetune: encoder file not found: {path}; {hint}")
+    return path
+
+
+def main(job: str, pct: int, init: str) -> None:
+    params = load_or_exit()
+    ft = params.finetune
+    task, dataset = JOBS[job]
+    device = resolve_device(ft.device)
+    encoder = _encoder_path(init)
+    data = load_task_data(Path("data/cache") / dataset, dataset, task, pct)
+    if len(data.train_rows) == 0:
+        sys.exit(f"error: finetune {job}: no training rows at {pct}% in data/cache/{dataset}/index.csv")
+    cell = f"{job}-{pct}-{init}"
+    out = Path("reports/finetune") / cell
+    seed = params.seed
+    log_rows: list[dict] = []
+    from dvclive import Live
+
+    live = Live(str(out / "live"), dvcyaml=False, save_dvc_exp=False)
+
+    def log(rec: dict) -> None:
+        for k, v in rec.items():
+            if k != "epoch" and isinstance(v, (int, float)):
+                live.log_metric(k, float(v))
+        live.next_step()
+        log_rows.append(rec)
+
+    if task == "cls":
+        from mflag.finetune.classify import ClassifyConfig, encode_features, linear_probe
+
+        c = ft.cls
+        cfg = ClassifyConfig(
+            lr=c.lr, weight_decay=c.weight_decay, batch_size=c.batch_size, max_epochs=c.max_epochs,
+            patience=c.patience, crop=c.crop, upsample=c.upsample, augment=c.augment,
+            moco_aug=c.augment and dataset == "chexpert", eval_batch_size=c.eval_batch_size, precision=ft.precision,
+        )  # fmt: skip
+        trunk = load_trunk(encoder).to(device)
+        features = None
+        if not c.augment:
+            # frozen encoder, deterministic crops: the three fractions share one feature file
+            h = hashlib.sha256(f"{dataset}/{c.crop}/{c.upsample}/{ft.precision}".encode())
+            for path in (encoder, Path("data/cache") / dataset / "images.npy"):
+                h.update(path.read_bytes())
+            key = h.hexdigest()[:16]
+            cache = Path(".cache/features") / f"{dataset}-{init}-{key}.npy"
+            if cache.is_file():
+                features = np.load(cache)
+            else:
+                features = encode_features(trunk, data.images, np.arange(len(data.index)), cfg, device)
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                np.save(cache.with_suffix(".tmp.npy"), features)
+                cache.with_suffix(".tmp.npy").replace(cache)
+        result = linear_probe(trunk, data.images, data.labels, data.train_rows, data.valid_rows, data.test_rows,
+                              data.kind, cfg, device, seed, features=features, log=log)  # fmt: skip
+        task_params = to_dict(c)
+    elif task == "seg":
+        from mflag.finetune.segment import SegmentConfig, train_segmenter
+
+        c = ft.seg
+        cfg = SegmentConfig(
+            lr=c.lr, weight_decay=c.weight_decay, batch_size=c.batch_size[dataset], max_epochs=c.max_epochs,
+            patience=c.patience, input_size=c.input_size, augment=c.augment, balance=c.balance and dataset == "siim",
+            eval_batch_size=c.eval_batch_size, precision=ft.precision,
+        )  # fmt: skip
+        result = train_segmenter(load_file(str(encoder)), data.images, data.masks, data.train_rows, data.valid_rows,
+                                 data.test_rows, cfg, device, seed, log=log)  # fmt: skip
+        task_params = to_dict(c)
+    else:
+        from mflag.finetune.detect import DetectConfig, train_detector
+
+        c = ft.det
+        by_pct = c.lr[dataset][f"pct{pct}"], c.batch_size[dataset][f"pct{pct}"]
+        cfg = DetectConfig(
+            lr=by_pct[0], weight_decay=c.weight_decay, batch_size=by_pct[1], max_epochs=c.max_epochs,
+            patience=c.patience, input_size=c.input_size, conf_threshold=c.conf_threshold, nms_iou=c.nms_iou,
+            iou_thresholds=tuple(c.iou_thresholds), drop_empty_test=c.drop_empty_test,
+            eval_batch_size=c.eval_batch_size, precision=ft.precision,
+        )  # fmt: skip
+        result = train_detector(load_file(str(encoder)), data.images, data.boxes, data.train_rows, data.valid_rows,
+                                data.test_rows, cfg, device, seed, log=log)  # fmt: skip
+        task_params = to_dict(c)
+    live.end()
+    write_json(out / "metrics.json", {
+        "job": job, "pct": pct, "init": init, **result,
+        "params": {"seed": seed, "finetune": {task: task_params, "device": ft.device, "precision": ft.precision}},
+        "git_revision": git_revision(),
+    })  # fmt: skip
+    print(f"finetune {cell}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] not in JOBS or sys.argv[2] not in ("1", "10", "100") or sys.argv[3] not in INITS:
+        sys.exit(f"usage: python stages/finetune.py <job> <pct> <init>; job one of {', '.join(JOBS)}, "
+                 f"pct 1, 10 or 100, init one of {', '.join(INITS)}")  # fmt: skip
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])

@@ -1,0 +1,280 @@
+"""Linear-probe classification: metrics vs scikit-learn, the frozen encoder, early stopping, the feature
+cache, determinism, and the MoCo-style batched augmentation vs torchvision."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from sklearn.metrics import roc_auc_score
+from torchvision.transforms import functional as TF
+
+from mflag.augment import center_crop_normalize
+from mflag.finetune.classify import (
+    ClassifyConfig,
+    _gaussian_blur,
+    _metrics,
+    accuracy,
+    encode_features,
+    linear_probe,
+    macro_auc,
+    moco_photometric,
+    random_crop_normalize,
+    roc_auc,
+)
+from mflag.models import resnet50_trunk
+
+CPU = torch.device("cpu")
+
+
+def cfg(**kw) -> ClassifyConfig:
+    base = dict(lr=5e-4, weight_decay=1e-6, batch_size=48, max_epochs=50, patience=10, crop=32, upsample=0,
+                augment=False, moco_aug=False, eval_batch_size=64, precision="fp32")  # fmt: skip
+    base.update(kw)
+    return ClassifyConfig(**base)
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    """A stand-in encoder with BatchNorm layers: (B, 3, H, W) -> (B, 16)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )  # fmt: skip
+
+
+def toy_images(n: int, side: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 noise images; label 1 images carry a bright block in the middle (learnable from crops)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    img = rng.integers(0, 120, (n, side, side)).astype(np.uint8)
+    m = side // 2
+    img[y == 1, m - 8 : m + 8, m - 8 : m + 8] += 120
+    return img, y
+
+
+def split(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r = np.arange(n)
+    a, b = int(0.6 * n), int(0.8 * n)
+    return r[:a], r[a:b], r[b:]
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def test_roc_auc_hand_cases():
+    assert roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+    assert roc_auc(np.array([0, 1]), np.array([0.0, 1.0])) == 1.0
+    assert roc_auc(np.array([0, 1]), np.array([1.0, 0.0])) == 0.0
+    assert roc_auc(np.array([0, 1, 0, 1]), np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+    # one positive tied with one of two negatives: (1 + 0.5) / 2
+    assert roc_auc(np.array([1, 0, 0]), np.array([0.3, 0.3, 0.1])) == pytest.approx(0.75)
+    with pytest.raises(ValueError):
+        roc_auc(np.array([1, 1, 1]), np.array([0.1, 0.2, 0.3]))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_roc_auc_matches_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 200)
+    s = rng.normal(size=200) + 0.7 * y
+    assert roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    s_ties = np.round(s, 0)  # heavy ties
+    assert roc_auc(y, s_ties) == pytest.approx(roc_auc_score(y, s_ties), abs=1e-12)
+    s_int = rng.integers(0, 3, 200)
+    assert roc_auc(y.astype(bool), s_int) == pytest.approx(roc_auc_score(y, s_int), abs=1e-12)
+
+
+def test_macro_auc_matches_sklearn_and_skips_single_class_labels():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, (150, 5))
+    s = rng.normal(size=(150, 5)) + y
+    macro, per = macro_auc(y, s)
+    assert macro == pytest.approx(roc_auc_score(y, s, average="macro"), abs=1e-12)
+    assert per == pytest.approx([roc_auc_score(y[:, k], s[:, k]) for k in range(5)], abs=1e-12)
+    y[:, 2] = 0
+    macro, per = macro_auc(y, s)
+    assert per[2] is None
+    keep = [0, 1, 3, 4]
+    assert macro == pytest.approx(roc_auc_score(y[:, keep], s[:, keep], average="macro"), abs=1e-12)
+
+
+def test_multiclass_metrics_match_sklearn_ovr():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, 90)
+    logits = rng.normal(size=(90, 3)) + 1.5 * np.eye(3)[y]
+    m = _metrics("multiclass", y, logits)
+    prob = torch.softmax(torch.from_numpy(logits), 1).numpy()
+    assert m["auc"] == pytest.approx(roc_auc_score(y, prob, multi_class="ovr", average="macro"), abs=1e-12)
+    assert m["acc"] == pytest.approx(float(np.mean(logits.argmax(1) == y)))
+
+
+def test_accuracy_by_hand():
+    logits = np.array([[2.0, 1.0, 0.0], [0.0, 0.1, 3.0], [1.0, 5.0, 2.0], [0.0, 0.0, -1.0]])
+    assert accuracy(np.array([0, 2, 0, 0]), logits) == pytest.approx(0.75)
+    assert accuracy(np.array([1, 0, 1]), np.array([0.3, -2.0, -0.1])) == pytest.approx(2 / 3)
+
+
+# ------------------------------------------------------------------------------------- augmentation
+def test_random_crop_is_a_window_and_deterministic():
+    x = torch.randint(0, 256, (6, 20, 24), dtype=torch.uint8)
+    out = random_crop_normalize(x, 8, torch.Generator().manual_seed(0))
+    again = random_crop_normalize(x, 8, torch.Generator().manual_seed(0))
+    assert out.shape == (6, 3, 8, 8) and torch.equal(out, again)
+    for i in range(6):
+        grey = ((out[i, 0] + 1.0) * 127.5).round().to(torch.uint8)
+        hits = [(t, l) for t in range(13) for l in range(17) if torch.equal(x[i, t : t + 8, l : l + 8], grey)]
+        assert hits, "every random crop is a window of its image"
+
+
+def test_gaussian_blur_matches_torchvision():
+    x = torch.rand(3, 3, 21, 21)
+    sigma = torch.tensor([0.1, 0.9, 2.0])
+    got = _gaussian_blur(x, sigma)
+    for i in range(3):
+        ref = TF.gaussian_blur(x[i], kernel_size=[13, 13], sigma=[float(sigma[i])] * 2)
+        torch.testing.assert_close(got[i], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_moco_photometric_range_and_determinism():
+    x = random_crop_normalize(torch.randint(0, 256, (16, 24, 24), dtype=torch.uint8), 16, torch.Generator().manual_seed(1))
+    a = moco_photometric(x, torch.Generator().manual_seed(5))
+    b = moco_photometric(x, torch.Generator().manual_seed(5))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert a.min() >= -1.0 and a.max() <= 1.0
+    assert not torch.equal(a, x)
+    flat = torch.zeros(4, 3, 16, 16)  # a mid-grey image: only brightness changes it, and uniformly
+    out = moco_photometric(flat, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, out.mean(dim=(1, 2, 3), keepdim=True).expand_as(out), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- encoder
+def test_encode_features_matches_direct_forward_with_upsample():
+    net = small_cnn()
+    img, _ = toy_images(10)
+    rows = np.array([7, 2, 5])
+    c = cfg(upsample=48, eval_batch_size=2)
+    got = encode_features(net, img, rows, c, CPU, progress=False)
+    x = center_crop_normalize(torch.from_numpy(img[rows]), 32)
+    x = torch.nn.functional.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        ref = net.eval()(x).numpy()
+    assert got.shape == (3, 16) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_stays_frozen_resnet50():
+    trunk = resnet50_trunk()
+    trunk.train()  # the probe must switch it to eval itself
+    before = {k: v.detach().clone() for k, v in trunk.state_dict().items()}
+    assert any("num_batches_tracked" in k for k in before)
+    img, y = toy_images(12)
+    tr, va, te = np.arange(8), np.arange(8, 10), np.arange(10, 12)
+    y[[8, 10]], y[[9, 11]] = 0, 1
+    res = linear_probe(trunk, img, y, tr, va, te, "binary", cfg(augment=True, moco_aug=True, batch_size=8, max_epochs=2,
+                       eval_batch_size=8), CPU, seed=0, progress=False)  # fmt: skip
+    assert res["epochs_run"] == 2 and 0.0 <= res["auc"] <= 1.0
+    after = trunk.state_dict()
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+    for p in trunk.parameters():
+        assert p.grad is None and not p.requires_grad
+
+
+# ------------------------------------------------------------------------------------- the probe
+def separable(kind: str, n: int = 240, d: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    if kind == "multiclass":
+        y = rng.integers(0, 3, n)
+        for c in range(3):
+            x[y == c, c * 20 : (c + 1) * 20] += 3.0
+        return x, y
+    k = 5 if kind == "multilabel" else 1
+    y = rng.integers(0, 2, (n, k)).astype(np.float32)
+    for j in range(k):
+        x[:, j * 20 : (j + 1) * 20] += 2.0 * (2 * y[:, j : j + 1] - 1)
+    return x, (y if kind == "multilabel" else y[:, 0])
+
+
+@pytest.mark.parametrize("kind", ["multilabel", "binary", "multiclass"])
+def test_separable_features_are_learned(kind):
+    x, y = separable(kind)
+    tr, va, te = split(len(y))
+    res = linear_probe(None, None, y, tr, va, te, kind, cfg(), CPU, seed=0, features=x, progress=False)
+    assert res["n_train"] == len(tr)
+    if kind == "multiclass":
+        assert res["acc"] > 0.95 and res["auc"] > 0.95
+    else:
+        assert res["auc"] > 0.95
+    if kind == "multilabel":
+        assert len(res["auc_per_label"]) == 5 and res["auc_skipped"] == []
+
+
+def test_early_stopping_returns_best_epoch_head():
+    rng = np.random.default_rng(1)
+    n, d = 240, 16
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = (x[:, 0] + 0.8 * rng.normal(size=n) > 0).astype(np.float32)  # a weak, noisy signal
+    tr, va, te = split(n)
+    y_fit = y.copy()
+    y_fit[va] = 1.0 - y_fit[va]  # validation labels the head cannot fit: its loss rises as it learns
+    history = []
+    c = cfg(patience=2, max_epochs=40, lr=5e-3)
+    res = linear_probe(None, None, y_fit, tr, va, te, "binary", c, CPU, seed=3, features=x, log=history.append,
+                       progress=False)  # fmt: skip
+    assert res["best_epoch"] < res["epochs_run"] < c.max_epochs
+    assert res["epochs_run"] == res["best_epoch"] + c.patience
+    assert [h["epoch"] for h in history] == list(range(1, res["epochs_run"] + 1))
+    losses = [h["valid_loss"] for h in history]
+    assert res["best_valid_loss"] == min(losses) == losses[res["best_epoch"] - 1]
+    # reproduce: stopping the same run at the best epoch leaves exactly the best head
+    again = linear_probe(None, None, y_fit, tr, va, te, "binary", dataclasses.replace(c, max_epochs=res["best_epoch"]),
+                         CPU, seed=3, features=x, progress=False)  # fmt: skip
+    assert again["auc"] == res["auc"] and again["best_epoch"] == res["best_epoch"]
+    # ... and the last epoch's head is a different one
+    last = linear_probe(None, None, y_fit, tr, va, te, "binary", dataclasses.replace(c, max_epochs=res["epochs_run"],
+                        patience=100), CPU, seed=3, features=x, progress=False)  # fmt: skip
+    assert last["best_epoch"] == res["best_epoch"] and last["auc"] == res["auc"]
+    w = linear_probe(None, None, y, tr, va, te, "binary", dataclasses.replace(c, max_epochs=res["epochs_run"],
+                     patience=100), CPU, seed=3, features=x, progress=False)  # fmt: skip
+    assert w["best_epoch"] > res["best_epoch"]  # with fittable validation labels the search goes on
+    assert w["auc"] != res["auc"]
+
+
+def test_same_seed_same_result_on_the_fly_with_augmentation():
+    img, y = toy_images(30, seed=2)
+    tr, va, te = split(30)
+    c = cfg(augment=True, moco_aug=True, batch_size=6, max_epochs=2, eval_batch_size=16)
+    runs = [linear_probe(small_cnn(), img, y, tr, va, te, "binary", c, CPU, seed=s, progress=False) for s in (4, 4, 5)]
+    assert runs[0] == runs[1]
+    assert runs[0]["auc"] != runs[2]["auc"] or runs[0]["best_valid_loss"] != runs[2]["best_valid_loss"]
+    x, ym = separable("multiclass", n=120, d=32)
+    tr, va, te = split(120)
+    a, b = (linear_probe(None, None, ym, tr, va, te, "multiclass", cfg(max_epochs=5), CPU, seed=9, features=x,
+                         progress=False) for _ in range(2))  # fmt: skip
+    assert a == b
+
+
+def test_feature_cache_matches_on_the_fly_path():
+    img, y = toy_images(60, seed=4)
+    tr, va, te = split(60)
+    c = cfg(batch_size=8, max_epochs=6, eval_batch_size=16, lr=5e-3)
+    net = small_cnn(1)
+    logs = {k: [] for k in ("cached", "given", "fly")}
+    cached = linear_probe(net, img, y, tr, va, te, "binary", c, CPU, seed=7, log=logs["cached"].append, progress=False)
+    feats = encode_features(net, img, np.arange(60), c, CPU, progress=False)
+    given = linear_probe(None, None, y, tr, va, te, "binary", c, CPU, seed=7, features=feats,
+                         log=logs["given"].append, progress=False)  # fmt: skip
+    fly = linear_probe(net, img, y, tr, va, te, "binary", c, CPU, seed=7, cache_features=False,
+                       log=logs["fly"].append, progress=False)  # fmt: skip
+    for other, name in ((given, "given"), (fly, "fly")):
+        assert other["best_epoch"] == cached["best_epoch"] and other["epochs_run"] == cached["epochs_run"]
+        assert other["auc"] == pytest.approx(cached["auc"], abs=1e-6)
+        for h0, h1 in zip(logs["cached"], logs[name]):
+            for k in ("train_loss", "valid_loss", "valid_metric"):
+                assert h1[k] == pytest.approx(h0[k], rel=1e-4, abs=1e-6), (name, k)
+    assert cached["epochs_run"] == 6 and len(logs["fly"]) == 6

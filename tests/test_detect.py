@@ -1,0 +1,313 @@
+"""Detection (mflag/finetune/detect.py): the metric against pycocotools, anchors and target assignment by
+hand, decoding + NMS, the loss's ignore rule, a frozen encoder and determinism of a tiny training run."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mflag.finetune.detect import (
+    DetectConfig,
+    YoloDetector,
+    assign_targets,
+    build_detector,
+    decode_and_nms,
+    mean_average_precision,
+    average_precisions,
+    train_detector,
+    yolo_anchors,
+    yolo_loss,
+)
+from mflag.models import resnet50_trunk
+
+THRESHOLDS = tuple(np.round(np.arange(0.40, 0.7501, 0.05), 2))
+SMALL = (16, 32, 64)  # narrow neck widths for the training tests (YOLOv3's 128/256/512 are tested for shape)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread here: on a shared 2-core machine, two OpenMP threads that spin-wait for each
+    other run these small convolutions several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cfg_with(**kw) -> DetectConfig:
+    base = dict(lr=1e-3, weight_decay=1e-6, batch_size=4, max_epochs=2, patience=10, input_size=64,
+                conf_threshold=0.5, nms_iou=0.5, iou_thresholds=THRESHOLDS, drop_empty_test=False,
+                eval_batch_size=8, precision="fp32")  # fmt: skip
+    base.update(kw)
+    return DetectConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------- metric
+def coco_aps(preds, truths, thresholds):
+    """Per-threshold AP from pycocotools' COCOeval (single category, area all, maxDets large enough)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, anns, results = [], [], []
+    for i, (p, g) in enumerate(zip(preds, truths)):
+        images.append({"id": i + 1})
+        for x1, y1, x2, y2 in g:
+            w, h = x2 - x1, y2 - y1
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "bbox": [x1, y1, w, h],
+                         "area": w * h, "iscrowd": 0})  # fmt: skip
+        for x1, y1, x2, y2, s in p:
+            results.append({"image_id": i + 1, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s})
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]}
+        gt.createIndex()
+        dt = gt.loadRes(results)
+        ev = COCOeval(gt, dt, "bbox")
+        ev.params.iouThrs = np.asarray(thresholds, np.float64)
+        ev.params.maxDets = [max(100, max(len(p) for p in preds))]
+        ev.params.areaRng = [[0, 1e10]]
+        ev.params.areaRngLbl = ["all"]
+        ev.params.useCats = 1
+        ev.evaluate()
+        ev.accumulate()
+    prec = ev.eval["precision"][:, :, 0, 0, 0]  # (T, R)
+    assert (prec > -1).all()
+    return prec.mean(1)
+
+
+def random_case(rng: np.random.Generator, n_images: int = 14, round_scores: bool = False):
+    preds, truths = [], []
+    for i in range(n_images):
+        kind = i % 7  # 0: no truth, no prediction; 1: truth, no prediction; 2: prediction, no truth; else both
+        n_t = 0 if kind in (0, 2) else int(rng.integers(1, 5))
+        xy = rng.uniform(0, 150, (n_t, 2))
+        wh = rng.uniform(15, 80, (n_t, 2))
+        g = np.concatenate([xy, xy + wh], 1)
+        p = []
+        if kind >= 3:
+            for box in g:  # jittered detections of most truths, sometimes two
+                for _ in range(int(rng.integers(0, 3))):
+                    p.append(np.append(box + rng.normal(0, 0.12 * (box[2] - box[0]), 4), rng.uniform()))
+        if kind >= 2:
+            for _ in range(int(rng.integers(1, 4))):  # false positives
+                xy0 = rng.uniform(0, 150, 2)
+                p.append(np.concatenate([xy0, xy0 + rng.uniform(10, 60, 2), [rng.uniform()]]))
+        p = np.asarray(p, np.float64).reshape(-1, 5)
+        if round_scores:
+            p[:, 4] = np.round(p[:, 4], 1)  # ties across and within images
+        p[:, 2:4] = np.maximum(p[:, 2:4], p[:, 0:2] + 1.0)
+        preds.append(p)
+        truths.append(g)
+    return preds, truths
+
+
+@pytest.mark.parametrize("seed,round_scores", [(0, False), (1, False), (2, True), (3, False), (4, True)])
+def test_map_matches_pycocotools(seed, round_scores):
+    preds, truths = random_case(np.random.default_rng(seed), round_scores=round_scores)
+    assert any(len(p) == 0 and len(g) for p, g in zip(preds, truths))  # missed images
+    assert any(len(p) and len(g) == 0 for p, g in zip(preds, truths))  # false positives only
+    assert any(len(p) == 0 and len(g) == 0 for p, g in zip(preds, truths))
+    ours = average_precisions(preds, truths, THRESHOLDS)
+    ref = coco_aps(preds, truths, THRESHOLDS)
+    np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
+    assert mean_average_precision(preds, truths, THRESHOLDS) == pytest.approx(ref.mean(), abs=1e-6)
+    # drop_empty equals pycocotools on the images that have both a prediction and a truth
+    keep = [i for i, (p, g) in enumerate(zip(preds, truths)) if len(p) and len(g)]
+    dropped = mean_average_precision(preds, truths, THRESHOLDS, drop_empty=True)
+    ref_kept = coco_aps([preds[i] for i in keep], [truths[i] for i in keep], THRESHOLDS)
+    assert dropped == pytest.approx(ref_kept.mean(), abs=1e-6)
+
+
+def test_map_hand_cases_and_drop_empty():
+    g = np.array([[10, 10, 50, 50]], np.float64)
+    hit = np.array([[10, 10, 50, 50, 0.9]])
+    fp = np.array([[100, 100, 140, 140, 0.95]])
+    none = np.zeros((0, 5))
+    assert mean_average_precision([hit], [g], THRESHOLDS) == pytest.approx(1.0)
+    # a missed image halves the recall: precision 1 up to recall 0.5 -> 51 of 101 recall points
+    assert mean_average_precision([hit, none], [g, g], THRESHOLDS) == pytest.approx(51 / 101)
+    # a higher-scored false positive on an image without truth
+    full = mean_average_precision([hit, fp, none], [g, np.zeros((0, 4)), g], THRESHOLDS)
+    dropped = mean_average_precision([hit, fp, none], [g, np.zeros((0, 4)), g], THRESHOLDS, drop_empty=True)
+    assert dropped == pytest.approx(1.0)
+    assert full < dropped
+    np.testing.assert_allclose(coco_aps([hit, fp, none], [g, np.zeros((0, 4)), g], THRESHOLDS).mean(), full, atol=1e-9)
+    # IoU just below / above a threshold: box shifted so IoU = 30/50 = 0.6
+    shifted = np.array([[20, 10, 60, 50, 0.8]])
+    aps = average_precisions([shifted], [g], THRESHOLDS)
+    np.testing.assert_allclose(aps, [1.0 if t <= 0.6 else 0.0 for t in THRESHOLDS], atol=1e-12)  # 0.6 >= 0.6 matches
+    assert math.isnan(mean_average_precision([hit], [np.zeros((0, 4))], THRESHOLDS))
+
+
+# ------------------------------------------------------------------------------ anchors and targets
+def test_anchor_scaling():
+    a416 = yolo_anchors(416)
+    assert a416.shape == (9, 2)
+    assert a416[0].tolist() == [10, 13] and a416[8].tolist() == [373, 326]
+    a224 = yolo_anchors(224)
+    torch.testing.assert_close(a224, a416 * (224 / 416))
+    assert a224[6].tolist() == pytest.approx([116 * 224 / 416, 90 * 224 / 416])
+
+
+def test_target_assignment_by_hand():
+    grids = [(52, 52), (26, 26), (13, 13)]  # input 416
+    truths = [
+        np.array([[200 - 58, 150 - 45, 200 + 58, 150 + 45]]),  # 116 x 90 -> anchor 6, stride 32, cell (6, 4)
+        # 12 x 14 -> anchor 0; 60 x 45 -> anchor 4
+        np.array([[15, 30, 27, 44], [100 - 30, 60 - 22.5, 100 + 30, 60 + 22.5]]),
+    ]
+    obj, box = assign_targets(truths, yolo_anchors(416), grids)
+    assert [int(o.sum()) for o in obj] == [1, 1, 1]
+    assert obj[2][0, 0, 4, 6]
+    np.testing.assert_allclose(box[2][0, 0, 4, 6], [200 / 32 - 6, 150 / 32 - 4, 0.0, 0.0], atol=1e-6)
+    assert obj[0][1, 0, 4, 2]  # centre (21, 37) / 8 = (2.625, 4.625)
+    np.testing.assert_allclose(box[0][1, 0, 4, 2], [0.625, 0.625, math.log(12 / 10), math.log(14 / 13)], atol=1e-6)
+    assert obj[1][1, 1, 3, 6]  # anchor 4 = second of stride 16; centre (100, 60) / 16 = (6.25, 3.75)
+    np.testing.assert_allclose(box[1][1, 1, 3, 6], [0.25, 0.75, math.log(60 / 62), 0.0], atol=1e-6)
+    # input 224: the same box shape scaled by 224 / 416 still takes anchor 6, at the 7 x 7 scale
+    s = 224 / 416
+    obj, _ = assign_targets([truths[0] * s], yolo_anchors(224), [(28, 28), (14, 14), (7, 7)])
+    assert int(obj[2].sum()) == 1 and obj[2][0, 0, 2, 3]  # centre (107.7, 80.8) / 32 = (3.37, 2.52)
+
+
+def test_loss_ignore_rule_by_hand():
+    """All-zero raw maps at input 416: every prediction is its anchor centred in its cell. One truth equal to
+    the anchor-6 box of stride-32 cell (3, 3): positive there; the two horizontal neighbours overlap it with
+    IoU 84*90 / (2*116*90 - 84*90) = 0.568 > 0.5 (ignored), the vertical ones 0.475 (kept), nothing else
+    reaches 0.5. Objectness BCE at logit 0 is ln 2 per counted cell; box loss 0; class ln 2."""
+    outs = [torch.zeros(1, 3, g, g, 6) for g in (52, 26, 13)]
+    truth = [np.array([[112 - 58, 112 - 45, 112 + 58, 112 + 45]], np.float32)]
+    _, parts = yolo_loss(outs, truth, 416)
+    n_cells = 3 * (52 * 52 + 26 * 26 + 13 * 13)
+    assert parts["loss_obj"] == pytest.approx(math.log(2) * (n_cells - 2), rel=1e-5)
+    assert parts["loss_cls"] == pytest.approx(math.log(2), rel=1e-5)
+    assert parts["loss_box"] == pytest.approx(0.0, abs=1e-10)
+
+
+# --------------------------------------------------------------------------------------- decoding
+def test_targets_decode_back_to_truths():
+    """Raw maps built from the assigned targets (logit of the offsets, tw, th; objectness high at the
+    positives) decode to the truth boxes: assignment and decoding agree, and the mAP is 1."""
+    cfg = cfg_with(input_size=96)
+    grids = [(12, 12), (6, 6), (3, 3)]
+    truths = [np.array([[3, 4, 12, 15], [40, 30, 90, 70]], np.float32), np.zeros((0, 4), np.float32),
+              np.array([[20, 50, 40, 60], [0, 0, 96, 90]], np.float32)]  # fmt: skip
+    obj, box = assign_targets(truths, yolo_anchors(96), grids)
+    outs = []
+    for o, b in zip(obj, box):
+        raw = torch.zeros(*o.shape, 6)
+        off = torch.from_numpy(b[..., :2]).clamp(1e-6, 1 - 1e-6)
+        raw[..., :2] = torch.log(off / (1 - off))
+        raw[..., 2:4] = torch.from_numpy(b[..., 2:])
+        raw[..., 4] = torch.where(torch.from_numpy(o), 10.0, -10.0)
+        raw[..., 5] = 10.0
+        outs.append(raw)
+    dets = decode_and_nms(outs, cfg)
+    for d, t in zip(dets, truths):
+        assert len(d) == len(t)
+        got = d[np.lexsort((d[:, 1], d[:, 0])), :4]
+        np.testing.assert_allclose(got, t[np.lexsort((t[:, 1], t[:, 0]))], atol=1e-3)
+    assert mean_average_precision(dets, truths, THRESHOLDS) == pytest.approx(1.0)
+
+
+def test_decode_and_nms():
+    cfg = cfg_with(input_size=416)
+    outs = [torch.zeros(1, 3, g, g, 6) for g in (52, 26, 13)]
+    for o in outs:
+        o[..., 4] = -20.0
+        o[..., 5] = 20.0  # class probability ~1: score = objectness
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    outs[2][0, 0, 3, 3, 4] = logit(0.9)  # anchor 116 x 90 centred (112, 112)
+    outs[2][0, 0, 3, 4, 4] = logit(0.8)  # centred (144, 112): IoU 0.568 with the first -> suppressed
+    outs[2][0, 0, 10, 10, 4] = logit(0.4)  # below the confidence threshold
+    outs[0][0, 1, 40, 40, 4] = logit(0.7)  # far away: kept
+    (det,) = decode_and_nms(outs, cfg)
+    assert det.shape == (2, 5)
+    np.testing.assert_allclose(det[0], [112 - 58, 112 - 45, 112 + 58, 112 + 45, 0.9], atol=1e-4)
+    np.testing.assert_allclose(det[1, :4], [324 - 8, 324 - 15, 324 + 8, 324 + 15], atol=1e-4)  # anchor 16 x 30
+    assert det[1, 4] == pytest.approx(0.7, abs=1e-4)
+    # the same two overlapping boxes with the lower one first in scan order: still the higher score survives
+    outs[2][0, 0, 3, 3, 4], outs[2][0, 0, 3, 4, 4] = logit(0.8), logit(0.9)
+    (det,) = decode_and_nms(outs, cfg)
+    assert det[0, 4] == pytest.approx(0.9, abs=1e-4) and det[0, 0] == pytest.approx(144 - 58, abs=1e-4)
+    # nothing above the threshold
+    low = [torch.full((2, 3, g, g, 6), -3.0) for g in (52, 26, 13)]
+    assert [d.shape for d in decode_and_nms(low, cfg)] == [(0, 5), (0, 5)]
+
+
+def test_detector_shapes_and_frozen_trunk():
+    torch.manual_seed(0)
+    det = YoloDetector(resnet50_trunk())
+    det.train()
+    assert not det.trunk.training and det.head.training
+    assert not any(p.requires_grad for p in det.trunk.parameters())
+    x = torch.randn(2, 3, 64, 64)
+    outs = det(x)
+    assert [tuple(o.shape) for o in outs] == [(2, 3, 8, 8, 6), (2, 3, 4, 4, 6), (2, 3, 2, 2, 6)]
+    det.eval()
+    torch.testing.assert_close(det(x)[2], det.head(*det.features(x))[2])
+
+
+# --------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def tiny_task():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 32, 32), dtype=np.uint8)
+    boxes = {}
+    for r in range(16):
+        if r % 4 == 3:
+            continue  # some rows without boxes
+        x, y = rng.uniform(2, 16, 2)
+        w, h = rng.uniform(6, 14, 2)
+        boxes[r] = np.array([[x, y, x + w, y + h]], np.float32)
+        images[r, int(y) : int(y + h), int(x) : int(x + w)] = 255
+    torch.manual_seed(123)
+    trunk = resnet50_trunk()
+    with torch.no_grad():  # non-default BN statistics, so a train-mode pass would show
+        for m in trunk.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    state = {k: v.clone() for k, v in trunk.state_dict().items()}
+    return state, images, boxes
+
+
+def test_train_frozen_encoder_and_determinism(tiny_task):
+    state, images, boxes = tiny_task
+    before = {k: v.clone() for k, v in state.items()}
+    cfg = cfg_with()
+    logs = []
+    rows = (np.arange(8), np.arange(8, 12), np.arange(12, 16))
+    res = train_detector(state, images, boxes, *rows, cfg, "cpu", seed=7, log=logs.append, return_model=True,
+                         widths=SMALL)
+    assert res["epochs_run"] == 2 and len(logs) == 2 and res["n_train"] == 8
+    assert 1 <= res["best_epoch"] <= 2 and len(res["map_per_iou"]) == len(THRESHOLDS)
+    assert 0.0 <= res["map"] <= 1.0 and all(math.isfinite(v["loss"]) for v in logs)
+    model = res["model"]
+    after = model.trunk.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k  # weights and BN running statistics bit-identical
+        assert torch.equal(state[k], v), k  # the caller's state untouched
+    fresh = build_detector(before, seed=7, widths=SMALL).head.state_dict()
+    changed = [k for k, v in model.head.state_dict().items() if v.is_floating_point() and not torch.equal(v, fresh[k])]
+    assert any(k.endswith("weight") for k in changed) and any("out" in k for k in changed)
+
+    res2 = train_detector(state, images, boxes, *rows, cfg, "cpu", seed=7, return_model=True, widths=SMALL)
+    assert res2["map"] == res["map"] or (math.isnan(res2["map"]) and math.isnan(res["map"]))
+    assert res2["map_per_iou"] == res["map_per_iou"] and res2["best_epoch"] == res["best_epoch"]
+    for k, v in res2["model"].head.state_dict().items():
+        assert torch.equal(v, model.head.state_dict()[k]), k
+
+
+def test_train_bf16_runs(tiny_task):
+    state, images, boxes = tiny_task
+    cfg = cfg_with(precision="bf16", max_epochs=1, drop_empty_test=True)
+    rows = (np.arange(8), np.arange(8, 12), np.arange(12, 16))
+    res = train_detector(state, images, boxes, *rows, cfg, "cpu", seed=1, widths=SMALL)
+    assert res["epochs_run"] == 1 and res["n_test"] == 4 and res["n_test_scored"] <= 4

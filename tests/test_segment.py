@@ -1,0 +1,229 @@
+"""The shared segmenter: metric and loss against hand formulas, a frozen encoder, balancing, learning, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from mflag.finetune import segment
+from mflag.finetune.segment import SegmentConfig, dice_per_image, segmentation_loss, train_segmenter
+from mflag.models import resnet50_trunk
+
+
+def _cfg(**kw) -> SegmentConfig:
+    base = dict(lr=5e-4, weight_decay=0.05, batch_size=4, max_epochs=2, patience=10, input_size=32,
+                augment=True, balance=False, eval_batch_size=8, precision="fp32")
+    return SegmentConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy shared 2-core machine two spinning threads run ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trunk_state() -> dict[str, torch.Tensor]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return {k: v.clone() for k, v in resnet50_trunk().state_dict().items()}
+
+
+def _squares(n: int, size: int, seed: int, p_empty: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Bright squares on a dark, noisy background; the mask is the square (some images empty)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 40, size=(n, size, size)).astype(np.uint8)
+    masks = np.zeros((n, size, size), dtype=np.uint8)
+    for i in range(n):
+        if rng.random() < p_empty:
+            continue
+        side = int(rng.integers(size // 4, size // 2 + 1))
+        r, c = rng.integers(0, size - side + 1, size=2)
+        masks[i, r : r + side, c : c + side] = 1
+        images[i][masks[i] == 1] = rng.integers(200, 255, size=side * side)
+    return images, masks
+
+
+# ------------------------------------------------------------------------------------------ metric
+def test_dice_per_image_hand_computed():
+    pred = np.zeros((5, 4, 4), dtype=np.uint8)
+    truth = np.zeros((5, 4, 4), dtype=np.uint8)
+    pred[0, :2, :2] = 1  # |A| = 4
+    truth[0, 1:3, 1:3] = 1  # |B| = 4, |A & B| = 1
+    pred[1, :, :] = 1
+    truth[1, :2, :] = 1  # |A| = 16, |B| = 8, overlap 8
+    # 2: empty / empty; 3: empty truth, a prediction; 4: truth, empty prediction
+    pred[3, 0, 0] = 1
+    truth[4, 2, 2] = 1
+    got = dice_per_image(pred, truth)
+    expected = [2 * 1 / (4 + 4), 2 * 8 / (16 + 8), 1.0, 0.0, 0.0]
+    np.testing.assert_allclose(got, expected)
+    assert got.shape == (5,)
+    np.testing.assert_allclose(dice_per_image(pred.astype(bool), truth.astype(bool)), expected)
+
+
+# -------------------------------------------------------------------------------------------- loss
+def test_segmentation_loss_matches_formulas():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64) * 3
+    target = (torch.rand(3, 1, 8, 8, generator=g) > 0.6).double()
+    focal = torchvision.ops.sigmoid_focal_loss(logits, target, alpha=-1, gamma=2, reduction="mean")
+    p = torch.sigmoid(logits)
+    dice = (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+    expected = 10 * focal - torch.log(dice)
+    torch.testing.assert_close(segment.focal_loss(logits, target), focal.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(segment.soft_dice(logits, target), dice.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(segmentation_loss(logits, target), expected.float(), rtol=1e-5, atol=1e-6)
+    # Extreme logits stay finite; the gradient agrees with the reference formula's.
+    big = torch.tensor([[[[60.0, -60.0], [60.0, -60.0]]]], requires_grad=True)
+    tgt = torch.tensor([[[[0.0, 1.0], [1.0, 0.0]]]])
+    assert torch.isfinite(segmentation_loss(big, tgt))
+    x = logits.clone().requires_grad_(True)
+    segmentation_loss(x, target).backward()
+    y = logits.clone().requires_grad_(True)
+    py = torch.sigmoid(y)
+    ref = 10 * torchvision.ops.sigmoid_focal_loss(y, target, alpha=-1, gamma=2, reduction="mean") - torch.log(
+        (2 * (py * target).sum() + 1) / (py.sum() + target.sum() + 1)
+    )
+    ref.backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------- model
+def test_build_unet_loads_and_rejects(trunk_state):
+    model = segment.build_unet(trunk_state)
+    enc = model.encoder.state_dict()
+    assert set(enc) == set(trunk_state)
+    assert all(torch.equal(enc[k], trunk_state[k]) for k in enc)
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    assert all(p.requires_grad for p in model.decoder.parameters())
+    model.train()
+    assert not model.encoder.training and model.decoder.training
+    bad = {k: v for k, v in trunk_state.items() if k != "layer1.0.conv1.weight"}
+    bad["layer4.0.bn1.weight"] = torch.zeros(3)
+    bad["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"1 missing.*layer1\.0\.conv1\.weight.*1 unexpected.*extra.*1 with another shape"):
+        segment.build_unet(bad)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_encoder_frozen_through_training(trunk_state, monkeypatch, precision):
+    built = []
+    real = segment.build_unet
+
+    def capture(state):
+        model = real(state)
+        built.append((model, {k: v.clone() for k, v in model.state_dict().items()}))
+        return model
+
+    monkeypatch.setattr(segment, "build_unet", capture)
+    images, masks = _squares(8, 32, seed=1)
+    before = {k: v.clone() for k, v in trunk_state.items()}
+    out = train_segmenter(trunk_state, images, masks, np.arange(4), np.arange(4, 6), np.arange(6, 8),
+                          _cfg(max_epochs=2, precision=precision), "cpu", seed=0)
+    assert out["epochs_run"] == 2 and out["best_epoch"] in (1, 2) and out["n_train"] == 4
+    (model, init), = built
+    final = model.state_dict()
+    enc_keys = [k for k in final if k.startswith("encoder.")]
+    assert len(enc_keys) == len(trunk_state)
+    for k in enc_keys:  # weights and batch-norm statistics, bit for bit
+        name = k[len("encoder."):]
+        assert torch.equal(final[k], init[k]), k
+        assert torch.equal(final[k], before[name]), k
+    assert all(torch.equal(trunk_state[k], before[k]) for k in before)  # the input is not mutated
+    dec_keys = [k for k in final if k.startswith(("decoder.", "segmentation_head.")) and final[k].is_floating_point()]
+    assert any(not torch.equal(final[k], init[k]) for k in dec_keys)
+    assert not torch.equal(final["segmentation_head.0.weight"], init["segmentation_head.0.weight"])
+
+
+def test_balancing_keeps_every_positive(trunk_state, monkeypatch):
+    images, masks = _squares(17, 32, seed=2)
+    masks[3:13] = 0  # train rows 0..12: positives 0, 1, 2 and ten negatives
+    rows = segment.balanced_rows(np.arange(13), masks, np.random.default_rng(0))
+    assert len(rows) == 6 and {0, 1, 2} <= set(rows.tolist())
+    assert len(set(rows.tolist())) == 6
+    out = train_segmenter(trunk_state, images, masks, np.arange(13), np.arange(13, 15), np.arange(15, 17),
+                          _cfg(max_epochs=1, balance=True), "cpu", seed=3)
+    assert out["n_train"] == 6
+
+
+# ---------------------------------------------------------------------------------------- augment
+def test_shift_scale_rotate_warps_image_and_mask_alike():
+    images, masks = _squares(16, 32, seed=4)
+    x = torch.from_numpy(images)[:, None].float()
+    m = torch.from_numpy(masks)[:, None].float()
+    gen = torch.Generator().manual_seed(0)
+    xa, ma = segment.shift_scale_rotate(x, m, segment.MGCA_SSR, gen)
+    assert set(ma.unique().tolist()) <= {0.0, 1.0}
+    same = [torch.equal(xa[i], x[i]) and torch.equal(ma[i], m[i]) for i in range(16)]
+    assert 0 < sum(same) < 16  # p = 0.5
+    # the square moves with its mask: bright pixels are (mostly) the mask's pixels
+    bright = xa > 120
+    agree = (bright == (ma > 0)).float().mean()
+    assert agree > 0.97
+    # identical generator state -> identical warp
+    xb, mb = segment.shift_scale_rotate(x, m, segment.MGCA_SSR, torch.Generator().manual_seed(0))
+    assert torch.equal(xa, xb) and torch.equal(ma, mb)
+
+
+# ---------------------------------------------------------------------------------------- learning
+def _without_timing(logs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in ("seconds", "train_images_per_s")} for row in logs]
+
+
+def test_early_stopping_tests_the_best_epoch(trunk_state, monkeypatch):
+    """Scripted validation losses: best at epoch 2, patience 3 -> 5 epochs run, epoch 2's decoder tested."""
+    scripted = iter([3.0, 2.0, 2.5, 2.1, 2.2, 1.0])
+    real_loss = segment.segmentation_loss
+
+    def loss(logits, target):
+        if torch.is_grad_enabled():
+            return real_loss(logits, target)
+        return torch.tensor(next(scripted))  # one validation batch per epoch
+
+    built, snapshots = [], {}
+    real_build = segment.build_unet
+    monkeypatch.setattr(segment, "build_unet", lambda state: built.append(real_build(state)) or built[-1])
+    monkeypatch.setattr(segment, "segmentation_loss", loss)
+
+    def log(row):
+        snapshots[row["epoch"]] = {k: v.clone() for k, v in built[0].decoder.state_dict().items()}
+
+    images, masks = _squares(8, 32, seed=6)
+    out = train_segmenter(trunk_state, images, masks, np.arange(4), np.arange(4, 6), np.arange(6, 8),
+                          _cfg(max_epochs=6, patience=3, augment=False, lr=1e-2), "cpu", seed=0, log=log)
+    assert out["epochs_run"] == 5 and out["best_epoch"] == 2
+    final = built[0].decoder.state_dict()
+    assert all(torch.equal(final[k], snapshots[2][k]) for k in final)
+    assert any(not torch.equal(final[k], snapshots[5][k]) for k in final)
+
+
+def test_toy_squares_learnable(trunk_state):
+    images, masks = _squares(28, 32, seed=5, p_empty=0.1)
+    train, valid, test = np.arange(16), np.arange(16, 20), np.arange(20, 28)
+    logs = []
+    cfg = _cfg(lr=3e-3, weight_decay=0.0, batch_size=4, max_epochs=6, augment=False)
+    untrained = train_segmenter(trunk_state, images, masks, train, valid, test, _cfg(max_epochs=1, lr=0.0), "cpu", seed=0)
+    out = train_segmenter(trunk_state, images, masks, train, valid, test, cfg, "cpu", seed=0, log=logs.append)
+    assert len(logs) == out["epochs_run"]
+    assert out["dice"] > 0.5 and out["dice"] > untrained["dice"] + 0.2, (out, untrained)
+    assert logs[-1]["train_loss"] < logs[0]["train_loss"]
+    assert out["best_epoch"] == 1 + int(np.argmin([row["valid_loss"] for row in logs]))
+
+
+def test_same_seed_same_result(trunk_state):
+    images, masks = _squares(12, 32, seed=7, p_empty=0.5)
+    args = (trunk_state, images, masks, np.arange(8), np.arange(8, 10), np.arange(10, 12))
+    cfg = _cfg(max_epochs=2, batch_size=2, augment=True, balance=True)
+    runs = []
+    for seed in (0, 0, 1):
+        logs = []
+        out = train_segmenter(*args, cfg, "cpu", seed=seed, log=logs.append)
+        runs.append((out, _without_timing(logs)))
+    assert runs[0] == runs[1]
+    assert runs[0][1] != runs[2][1]
