@@ -29,7 +29,7 @@ from mflag.augment import AugmentSpec, reference_pil_transform
 from mflag.distributed import DistEnv
 from mflag.losses import alignment_loss, orthogonality_loss
 from mflag.models import MFLAG, resnet50_trunk
-from mflag.pretrain import PretrainData, TrainConfig, batch_stream, compute_losses, make_optimizer
+from mflag.pretrain import PretrainData, TrainConfig, batch_stream, make_optimizer, train_step
 from mflag.augment import augment_batch
 
 REPORT = (
@@ -52,15 +52,6 @@ def _config(args, precision: str) -> TrainConfig:
                             autocontrast_p=0.5),
         ortho_weight=1.0, ortho_offdiag_weight=0.0051, ortho_on="backbone", seed=0, log_every=10**9,
     )  # fmt: skip
-
-
-def _step(model, opt, scaler, images, txt, cfg, device, dtype):
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        losses = compute_losses(model, images, txt, cfg)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(losses["total"]).backward()
-    scaler.step(opt)
-    scaler.update()
 
 
 def _timed(fn, steps: int, warmup: int, device) -> float:
@@ -93,7 +84,7 @@ def bench_device(args, device: torch.device, images_u8: np.ndarray) -> dict:
     def run_a():
         for img_u8, txt in batch_stream(data, batches, args.workers, pin=device.type == "cuda"):
             img = augment_batch(img_u8.to(device, non_blocking=True), cfg.augment, gen)
-            _step(model, opt, scaler, img.contiguous(memory_format=torch.channels_last), txt.to(device), cfg, device, dtype)
+            train_step(model, opt, scaler, img.contiguous(memory_format=torch.channels_last), txt.to(device), cfg, dtype)
 
     _sync(device)
     t0 = time.perf_counter()
@@ -105,7 +96,7 @@ def bench_device(args, device: torch.device, images_u8: np.ndarray) -> dict:
     img = augment_batch(torch.from_numpy(np.array(images_u8[: args.batch])).to(device), cfg.augment, gen)
     img = img.contiguous(memory_format=torch.channels_last)
     txt = torch.from_numpy(text_emb[: args.batch]).to(device)
-    b = args.batch * args.steps / _timed(lambda: _step(model, opt, scaler, img, txt, cfg, device, dtype), args.steps, args.warmup, device)
+    b = args.batch * args.steps / _timed(lambda: train_step(model, opt, scaler, img, txt, cfg, dtype), args.steps, args.warmup, device)
 
     # (c) the reference design: tokenise + BERT-base LM every step, PIL augmentation in worker processes
     c = bench_reference(args, device, images_u8, dtype)

@@ -147,6 +147,17 @@ def compute_losses(model: nn.Module, images: torch.Tensor, text_emb: torch.Tenso
     return {"align": l_align, "ortho": l_ortho, "total": l_align + cfg.ortho_weight * l_ortho}
 
 
+def train_step(model, opt, scaler, images: torch.Tensor, text_emb: torch.Tensor, cfg: TrainConfig, dtype) -> dict:
+    """One optimiser step on one (per-rank) batch, under autocast when `dtype` is set."""
+    with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        losses = compute_losses(model, images, text_emb, cfg)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(losses["total"]).backward()
+    scaler.step(opt)
+    scaler.update()
+    return losses
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     t0 = max(1, int(cfg.restart_fraction * total_steps))
@@ -221,12 +232,7 @@ def train(
             images = augment_batch(img_u8, cfg.augment, aug_gen)
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                losses = compute_losses(ddp, images, txt, cfg)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(losses["total"]).backward()
-            scaler.step(opt)
-            scaler.update()
+            losses = train_step(ddp, opt, scaler, images, txt, cfg, dtype)
             lr = opt.param_groups[0]["lr"]
             sched.step()
             step += 1
