@@ -254,12 +254,14 @@ def train(
         means = mean_across(sums / n_steps, env)
         seconds = time.perf_counter() - t0
         rec = {"epoch": epoch + 1, "align": means[0].item(), "ortho": means[1].item(), "total": means[2].item(),
-               "lr": opt.param_groups[0]["lr"], "images_per_second": seen * env.world_size / seconds}  # fmt: skip
+               "lr": opt.param_groups[0]["lr"]}  # fmt: skip
+        # throughput is printed, never stored: a timing in the checkpoint would make its bytes (and
+        # dvc.lock) differ between identical runs
         history["epoch"].append(rec)
         if env.is_main:
             print(
                 f"pretrain epoch {epoch + 1}/{cfg.epochs}: total {rec['total']:.4f} align {rec['align']:.4f} "
-                f"ortho {rec['ortho']:.4f} ({rec['images_per_second']:.1f} img/s)",
+                f"ortho {rec['ortho']:.4f} ({seen * env.world_size / seconds:.1f} img/s)",
                 flush=True,
             )
             _atomic_save(
