@@ -10,7 +10,6 @@ import csv
 import gzip
 import hashlib
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +18,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
+from mflag.io import atomic_write as atomic_write_bytes  # one atomic writer for the whole project
+
 UID_ROOT = "1.2.276.0.7230010.3.1"  # the prefix the RSNA and SIIM files carry
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def stable_hex(*parts, n: int = 32) -> str:
