@@ -236,6 +236,7 @@ class SegmentParams:
     input_size: int  # protocol: 224
     augment: bool  # shift-scale-rotate (scale 0.1, rotate 10 degrees, p 0.5)
     balance: bool  # SIIM: every positive image plus as many negatives
+    decoder_channels: list[int]  # U-Net decoder widths; protocol (smp's default): 256, 128, 64, 32, 16
     eval_batch_size: int
 
 
@@ -253,6 +254,7 @@ class DetectParams:
     nms_iou: float  # protocol: 0.5
     iou_thresholds: list[float]  # protocol: 0.40, 0.45, ..., 0.75
     drop_empty_test: bool  # the reference code's filter (inflates mAP); default false
+    neck_widths: list[int]  # YOLOv3 neck widths at strides 8, 16, 32; protocol: 128, 256, 512
     eval_batch_size: int
 
 

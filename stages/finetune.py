@@ -97,7 +97,7 @@ def main(job: str, pct: int, init: str) -> None:
         cfg = SegmentConfig(
             lr=c.lr, weight_decay=c.weight_decay, batch_size=c.batch_size[dataset], max_epochs=c.max_epochs,
             patience=c.patience, input_size=c.input_size, augment=c.augment, balance=c.balance and dataset == "siim",
-            eval_batch_size=c.eval_batch_size, precision=ft.precision,
+            eval_batch_size=c.eval_batch_size, precision=ft.precision, decoder_channels=tuple(c.decoder_channels),
         )  # fmt: skip
         result = train_segmenter(load_file(str(encoder)), data.images, data.masks, data.train_rows, data.valid_rows,
                                  data.test_rows, cfg, device, seed, log=log)  # fmt: skip
@@ -114,7 +114,7 @@ def main(job: str, pct: int, init: str) -> None:
             eval_batch_size=c.eval_batch_size, precision=ft.precision,
         )  # fmt: skip
         result = train_detector(load_file(str(encoder)), data.images, data.boxes, data.train_rows, data.valid_rows,
-                                data.test_rows, cfg, device, seed, log=log)  # fmt: skip
+                                data.test_rows, cfg, device, seed, log=log, widths=tuple(c.neck_widths))  # fmt: skip
         task_params = to_dict(c)
     live.end()
     write_json(out / "metrics.json", {

@@ -111,13 +111,13 @@ def test_build_unet_loads_and_rejects(trunk_state):
         segment.build_unet(bad)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_encoder_frozen_through_training(trunk_state, monkeypatch, precision):
+@pytest.mark.parametrize("precision,augment", [("fp32", True), ("bf16", True), ("fp32", False)])
+def test_encoder_frozen_through_training(trunk_state, monkeypatch, precision, augment):
     built = []
     real = segment.build_unet
 
-    def capture(state):
-        model = real(state)
+    def capture(state, *args):
+        model = real(state, *args)
         built.append((model, {k: v.clone() for k, v in model.state_dict().items()}))
         return model
 
@@ -125,7 +125,7 @@ def test_encoder_frozen_through_training(trunk_state, monkeypatch, precision):
     images, masks = _squares(8, 32, seed=1)
     before = {k: v.clone() for k, v in trunk_state.items()}
     out = train_segmenter(trunk_state, images, masks, np.arange(4), np.arange(4, 6), np.arange(6, 8),
-                          _cfg(max_epochs=2, precision=precision), "cpu", seed=0)
+                          _cfg(max_epochs=2, precision=precision, augment=augment), "cpu", seed=0)
     assert out["epochs_run"] == 2 and out["best_epoch"] in (1, 2) and out["n_train"] == 4
     (model, init), = built
     final = model.state_dict()
@@ -188,7 +188,7 @@ def test_early_stopping_tests_the_best_epoch(trunk_state, monkeypatch):
 
     built, snapshots = [], {}
     real_build = segment.build_unet
-    monkeypatch.setattr(segment, "build_unet", lambda state: built.append(real_build(state)) or built[-1])
+    monkeypatch.setattr(segment, "build_unet", lambda state, *a: built.append(real_build(state, *a)) or built[-1])
     monkeypatch.setattr(segment, "segmentation_loss", loss)
 
     def log(row):
@@ -227,3 +227,31 @@ def test_same_seed_same_result(trunk_state):
         runs.append((out, _without_timing(logs)))
     assert runs[0] == runs[1]
     assert runs[0][1] != runs[2][1]
+
+
+def test_stored_encoder_features_give_the_full_forward(trunk_state):
+    """Without augmentation the decoder runs on features encoded once; they must give model(x) exactly."""
+    model = segment.build_unet(trunk_state, (32, 16, 16, 8, 8))
+    model.eval()
+    images, masks = _squares(6, 40, seed=9)
+    cfg = _cfg(input_size=32, eval_batch_size=4, augment=False, decoder_channels=(32, 16, 16, 8, 8))
+    feats, m = segment._encode(model, torch.from_numpy(images), torch.from_numpy(masks), cfg, channels_last=False)
+    assert feats[0].shape == (6, 0, 32, 32) and m.shape == (6, 1, 32, 32)
+    # reference: resize and normalise written out here, then smp's own forward
+    x = torch.nn.functional.interpolate(torch.from_numpy(images)[:, None].float(), size=(32, 32), mode="bilinear",
+                                        align_corners=False)  # fmt: skip
+    x = ((x - 127.5) / 127.5).repeat(1, 3, 1, 1)
+    with torch.no_grad():
+        want = model(x)
+        got = model.segmentation_head(model.decoder(feats))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    want_m = torch.nn.functional.interpolate(torch.from_numpy(masks)[:, None].float(), size=(32, 32), mode="nearest")
+    assert torch.equal(m, want_m)
+
+
+def test_decoder_channels_are_used(trunk_state):
+    model = segment.build_unet(trunk_state, (64, 32, 16, 16, 8))
+    assert model.segmentation_head[0].in_channels == 8
+    assert model.decoder.blocks[0].conv1[0].out_channels == 64
+    with pytest.raises(ValueError, match="decoder_channels"):
+        _cfg(decoder_channels=(64, 32))

@@ -45,6 +45,7 @@ FOCAL_WEIGHT = 10.0  # MGCA MixedLoss(alpha=10)
 FOCAL_GAMMA = 2.0
 DICE_SMOOTH = 1.0
 THRESHOLD = 0.5
+DECODER_CHANNELS = (256, 128, 64, 32, 16)  # smp's Unet default, as MGCA used it
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,15 @@ class SegmentConfig:
     balance: bool  # train on every positive image plus as many negatives (SIIM)
     eval_batch_size: int  # test predictions only (the validation loss uses batch_size, as MGCA's loader)
     precision: str  # "fp32" | "bf16" (autocast; bf16 also runs in channels_last)
+    decoder_channels: tuple[int, ...] = DECODER_CHANNELS  # smp's default (256, 128, 64, 32, 16)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"SegmentConfig.precision must be fp32 or bf16, got {self.precision!r}")
         if self.input_size < 32 or self.input_size % 32:
             raise ValueError(f"SegmentConfig.input_size must be a positive multiple of 32 (U-Net stride), got {self.input_size}")
+        if len(self.decoder_channels) != 5 or min(self.decoder_channels) < 1:
+            raise ValueError(f"SegmentConfig.decoder_channels must be 5 positive ints, got {self.decoder_channels}")
         for name in ("batch_size", "max_epochs", "patience", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SegmentConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -84,14 +88,14 @@ MGCA_SSR = ShiftScaleRotate()
 
 
 # ------------------------------------------------------------------------------------------- model
-def build_unet(trunk_state: dict[str, torch.Tensor]) -> nn.Module:
+def build_unet(trunk_state: dict[str, torch.Tensor], decoder_channels: tuple[int, ...] = DECODER_CHANNELS) -> nn.Module:
     """U-Net whose ResNet-50 encoder holds ``trunk_state`` exactly, frozen and in eval mode.
 
     ``trunk_state``: a state dict of :func:`mflag.models.resnet50_trunk` (``fc`` keys, if any, are
     ignored: the encoder has no classifier). Any other missing / unexpected key or shape mismatch raises.
     The decoder and head are initialised from the global RNG (seed it around the call).
     """
-    model = smp.Unet(encoder_name="resnet50", encoder_weights=None, classes=1)
+    model = smp.Unet(encoder_name="resnet50", encoder_weights=None, classes=1, decoder_channels=tuple(decoder_channels))
     enc = model.encoder
     state = {k: v for k, v in trunk_state.items() if not k.startswith("fc.")}
     want = enc.state_dict()
@@ -217,6 +221,30 @@ def _normalise(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- loop
+@torch.no_grad()
+def _encode(
+    model: nn.Module, images: torch.Tensor, masks: torch.Tensor, cfg: SegmentConfig, channels_last: bool
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The frozen encoder's features of every image (bf16 under bf16) and the resized masks.
+
+    Level 0 (the input itself, which smp's decoder reads only for its shape) is kept as a 0-channel tensor.
+    """
+    model.encoder.eval()
+    amp = cfg.precision == "bf16"
+    levels: list[list[torch.Tensor]] = []
+    out_masks = []
+    for i in range(0, len(images), cfg.eval_batch_size):
+        x, m = _resize(images[i : i + cfg.eval_batch_size], masks[i : i + cfg.eval_batch_size], cfg.input_size)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            feats = model.encoder(_normalise(x, channels_last))
+        feats = [feats[0][:, :0]] + [f.to(torch.bfloat16 if amp else torch.float32) for f in feats[1:]]
+        levels = [[] for _ in feats] if not levels else levels
+        for store, f in zip(levels, feats):
+            store.append(f)
+        out_masks.append(m)
+    return [torch.cat(store) for store in levels], torch.cat(out_masks)
+
+
 def _dice(logits: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
     """Per-image Dice of (B, 1, s, s) logits thresholded at 0.5 on the sigmoid."""
     return dice_per_image((torch.sigmoid(logits[:, 0]) > THRESHOLD).cpu().numpy(), masks[:, 0].cpu().numpy())
@@ -253,7 +281,7 @@ def train_segmenter(
 
     with torch.random.fork_rng(devices=[]):  # decoder init from the seed, global RNG untouched
         torch.manual_seed(seed)
-        model = build_unet(trunk_state)
+        model = build_unet(trunk_state, cfg.decoder_channels)
     channels_last = cfg.precision == "bf16"
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
@@ -270,14 +298,29 @@ def train_segmenter(
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             return model(x)
 
+    # Without augmentation the frozen encoder's input never changes: encode every image once, then train
+    # and evaluate the decoder on the stored multi-scale features (the same numbers, minus repeated work).
+    cached = {} if cfg.augment else {name: _encode(model, *data[name], cfg, channels_last) for name in data}
+
+    def batch(split: str, idx: torch.Tensor | slice, augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, 1, s, s), masks (B, 1, s, s)) of the rows `idx` of a split."""
+        if split in cached:
+            feats, masks = cached[split]
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                return model.segmentation_head(model.decoder([f[idx] for f in feats])), masks[idx]
+        images, masks = data[split]
+        x, m = _resize(images[idx], masks[idx], cfg.input_size)
+        if augment:
+            x, m = shift_scale_rotate(x, m, MGCA_SSR, gen)
+        return forward(_normalise(x, channels_last)), m
+
     @torch.no_grad()
     def predict(split: str, batch_size: int):
         """(logits (B, 1, s, s), masks (B, 1, s, s)) batches of a split, in order."""
         model.eval()
-        images, masks = data[split]
-        for i in range(0, len(images), batch_size):
-            x, m = _resize(images[i : i + batch_size], masks[i : i + batch_size], cfg.input_size)
-            yield forward(_normalise(x, channels_last)).float(), m
+        for i in range(0, len(data[split][0]), batch_size):
+            logits, m = batch(split, slice(i, i + batch_size), False)
+            yield logits.float(), m
 
     best = {"loss": math.inf, "epoch": 0, "state": _decoder_state(model)}
     epochs_run = 0
@@ -285,20 +328,16 @@ def train_segmenter(
         t0 = time.perf_counter()
         model.train()
         model.encoder.eval()  # frozen: batch-norm statistics stay those of the trunk
-        images, masks = data["train"]
-        order = torch.randperm(len(images), generator=gen).to(device)
+        order = torch.randperm(len(data["train"][0]), generator=gen).to(device)
         loss_sum, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         for i in range(0, len(order), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            x, m = _resize(images[idx], masks[idx], cfg.input_size)
-            if cfg.augment:
-                x, m = shift_scale_rotate(x, m, MGCA_SSR, gen)
-            loss = segmentation_loss(forward(_normalise(x, channels_last)), m)
+            logits, m = batch("train", order[i : i + cfg.batch_size], cfg.augment)
+            loss = segmentation_loss(logits, m)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += loss.detach() * len(idx)
-            seen += len(idx)
+            loss_sum += loss.detach() * len(m)
+            seen += len(m)
         train_loss = loss_sum.item() / seen  # sync point: the epoch's steps are done
         train_seconds = time.perf_counter() - t0
 

@@ -1,0 +1,78 @@
+"""The finetune@<job>-<pct>-<init> cells as DVC runs them, on the tiny corpus with a random-init encoder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from mflag.finetune.data import JOBS, load_task_data
+from tests.conftest import REPO, deep_merge, run_stage
+
+TINY_FINETUNE = {
+    "cls": {"max_epochs": 3, "crop": 32, "batch_size": 8},
+    "seg": {"max_epochs": 1, "input_size": 32, "balance": False, "decoder_channels": [16, 16, 8, 8, 8]},
+    "det": {"max_epochs": 1, "input_size": 32, "neck_widths": [8, 16, 32]},
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(stage_workdir):
+    wd = stage_workdir
+    params = yaml.safe_load((wd / "params.yaml").read_text())
+    (wd / "params.yaml").write_text(yaml.safe_dump(deep_merge(params, {"finetune": TINY_FINETUNE}), sort_keys=False))
+    run_stage(wd, sys.executable, str(REPO / "stages/init_random.py"))
+    return wd
+
+
+def _fraction_ids(wd, dataset: str, pct: int) -> list[str]:
+    """Reference: the split file's train rows whose `pct` is at most `pct`, as written by the split stage."""
+    split = pd.read_csv(wd / f"data/splits/{dataset}.csv", dtype={"image_id": str}, keep_default_na=False)
+    pct_col = pd.to_numeric(split["pct"], errors="coerce")
+    return sorted(split.loc[(split["split"] == "train") & (pct_col <= pct), "image_id"])
+
+
+@pytest.mark.parametrize("job,pct,metric", [("cls_rsna", 1, "auc"), ("seg_siim", 10, "dice"), ("det_objcxr", 100, "map")])
+def test_cell_trains_on_exactly_its_fraction(workdir, job, pct, metric):
+    dataset = JOBS[job][1]
+    want = _fraction_ids(workdir, dataset, pct)
+    assert want, f"the tiny corpus has no {pct}% rows for {dataset}"
+    if pct < 100:  # nested and strictly smaller, so the count below distinguishes the fractions
+        assert len(want) < len(_fraction_ids(workdir, dataset, 100))
+    data = load_task_data(workdir / "data/cache" / dataset, dataset, JOBS[job][0], pct)
+    assert sorted(data.index["image_id"].iloc[data.train_rows]) == want
+    run_stage(workdir, sys.executable, str(REPO / "stages/finetune.py"), job, str(pct), "random")
+    out = json.loads((workdir / f"reports/finetune/{job}-{pct}-random/metrics.json").read_text())
+    assert (out["job"], out["pct"], out["init"]) == (job, pct, "random")
+    assert out["n_train"] == len(want)
+    assert metric in out and (np.isnan(out[metric]) or 0.0 <= out[metric] <= 1.0)
+    assert out["best_epoch"] >= 1
+    assert out["params"]["seed"] == 42 and JOBS[job][0] in out["params"]["finetune"]
+    assert (workdir / f"reports/finetune/{job}-{pct}-random/live/metrics.json").is_file()
+
+
+def test_missing_imagenet_weights_fail_clearly(workdir):
+    proc = subprocess.run([sys.executable, str(REPO / "stages/finetune.py"), "cls_rsna", "1", "imagenet"],
+                          cwd=workdir, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": ""})  # fmt: skip
+    assert proc.returncode != 0
+    assert "models/imagenet/vision_encoder.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_cell_arguments_print_usage(workdir):
+    proc = subprocess.run([sys.executable, str(REPO / "stages/finetune.py"), "cls_mimic", "5", "mflag"],
+                          cwd=workdir, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": ""})  # fmt: skip
+    assert proc.returncode != 0 and "usage" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dvc_matrix_is_every_cell():
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune"]
+    assert stage["matrix"] == {"job": list(JOBS), "pct": [1, 10, 100], "init": ["mflag", "random"]}
+    # a random-init cell must not depend on pretraining: its encoder path is templated on the init
+    assert "models/${item.init}/vision_encoder.safetensors" in stage["deps"]
+    assert not any(s in str(d) for d in stage["deps"] for s in ("models/mflag", "pretrain", "embeddings"))
+    assert stage["params"] == ["seed", "finetune"]
