@@ -98,12 +98,33 @@ class MFLAGOutput:
     z_txt: torch.Tensor  # (B, proj_dim)
 
 
+def trunk_stages(trunk: nn.Module, k: int) -> list[nn.Module]:
+    """The stem (conv1, bn1) and the first `k` residual stages (layer1..layerk) of a ResNet trunk."""
+    if not 0 <= k <= 4:
+        raise ValueError(f"frozen stages must be 0..4, got {k}")
+    return ([trunk.conv1, trunk.bn1] if k else []) + [getattr(trunk, f"layer{i}") for i in range(1, k + 1)]
+
+
 class MFLAG(nn.Module):
-    def __init__(self, trunk: nn.Module, text_dim: int, proj_hidden: int, proj_dim: int, feature_dim: int = FEATURE_DIM):
+    """The trunk and both projectors. `frozen_stages` k > 0 keeps the stem and layer1..layerk at their
+    init (no gradient, batch norm in eval mode, also under `train()`); 0, the reference, trains all."""
+
+    def __init__(self, trunk: nn.Module, text_dim: int, proj_hidden: int, proj_dim: int, feature_dim: int = FEATURE_DIM,
+                 frozen_stages: int = 0):  # fmt: skip
         super().__init__()
         self.encoder = trunk
         self.proj_img = Projector(feature_dim, proj_hidden, proj_dim)
         self.proj_txt = Projector(text_dim, proj_hidden, proj_dim)
+        self._frozen = trunk_stages(trunk, frozen_stages)
+        for m in self._frozen:
+            m.requires_grad_(False)
+            m.eval()
+
+    def train(self, mode: bool = True) -> "MFLAG":
+        super().train(mode)
+        for m in self._frozen:
+            m.eval()
+        return self
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(images).flatten(1)  # (B, 2048)

@@ -100,12 +100,15 @@ class PretrainParams:
     perspective_p: float  # reference: 0.5
     perspective_distortion: float  # reference: 0.5
     autocontrast_p: float  # reference: 0.5
+    frozen_stages: int  # stem + layer1..k kept at their init (0..4); reference: 0 (all trained)
     eval_batch_size: int
     log_every: int  # steps between logged losses
 
     def validate(self, prefix: str) -> None:
         if len(self.betas) != 2 or len(self.rotation) != 2:
             raise ParamsError(f"params: `{prefix}.betas` and `{prefix}.rotation` take two numbers each")
+        if not 0 <= self.frozen_stages <= 4:
+            raise ParamsError(f"params: `{prefix}.frozen_stages` must be 0..4 (stem + layer1..k frozen), got {self.frozen_stages}")
         if min(self.nproc, self.epochs, self.batch_size, self.crop, self.eval_batch_size, self.log_every) < 1:
             raise ParamsError(f"params: `{prefix}` nproc, epochs, batch_size, crop, eval_batch_size, log_every must be >= 1")
 

@@ -45,8 +45,11 @@ def main(job: str, pct: int, init: str) -> None:
     device = resolve_device(ft.device)
     encoder = _encoder_path(init)
     data = load_task_data(Path("data/cache") / dataset, dataset, task, pct)
-    if len(data.train_rows) == 0:
-        sys.exit(f"error: finetune {job}: no training rows at {pct}% in data/cache/{dataset}/index.csv")
+    for name, rows in (("train", data.train_rows), ("valid", data.valid_rows), ("test", data.test_rows)):
+        if len(rows) == 0:
+            at = f" at {pct}%" if name == "train" else ""
+            sys.exit(f"error: finetune {job}: no {name} rows{at} in data/cache/{dataset}/index.csv "
+                     f"(see data.{dataset}.valid_fraction / test_fraction and data/splits/{dataset}.csv)")
     cell = f"{job}-{pct}-{init}"
     out = Path("reports/finetune") / cell
     seed = params.seed
@@ -129,4 +132,7 @@ if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] not in JOBS or sys.argv[2] not in ("1", "10", "100") or sys.argv[3] not in INITS:
         sys.exit(f"usage: python stages/finetune.py <job> <pct> <init>; job one of {', '.join(JOBS)}, "
                  f"pct 1, 10 or 100, init one of {', '.join(INITS)}")  # fmt: skip
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    try:
+        main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    except ValueError as err:  # the evaluators' own checks (empty or too small a split, bad config)
+        sys.exit(f"error: finetune {'-'.join(sys.argv[1:4])}: {err}")

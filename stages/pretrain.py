@@ -59,7 +59,7 @@ def main() -> None:
         sys.exit(f"error: pretrain: {err}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(params.seed)  # identical projector init on every rank
-        model = MFLAG(trunk, meta["dim"], params.model.proj_hidden, params.model.proj_dim)
+        model = MFLAG(trunk, meta["dim"], params.model.proj_hidden, params.model.proj_dim, frozen_stages=p.frozen_stages)
     cfg = TrainConfig(
         epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, betas=tuple(p.betas),
         restart_fraction=p.restart_fraction, eta_min=p.eta_min, precision=precision, channels_last=p.channels_last,

@@ -17,7 +17,7 @@ from tests.conftest import REPO, deep_merge, run_stage
 TINY_FINETUNE = {
     "cls": {"max_epochs": 3, "crop": 32, "batch_size": 8},
     "seg": {"max_epochs": 1, "input_size": 32, "balance": False, "decoder_channels": [16, 16, 8, 8, 8]},
-    "det": {"max_epochs": 1, "input_size": 32, "neck_widths": [8, 16, 32]},
+    "det": {"max_epochs": 1, "input_size": 64, "neck_widths": [8, 16, 32]},  # 64: a 2x2 stride-32 map, so batch norm takes a batch of one
 }
 
 

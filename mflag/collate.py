@@ -1,0 +1,508 @@
+"""Collation: every fine-tuning cell and the pretraining run into paper-style tables, plots and claims.
+
+Inputs are the cells' ``metrics.json`` (one per job x fraction x init), the pretraining metrics and
+CSVs, and the published figures (``references/paper_reference.yaml``, percent). Everything written
+is small, deterministic (sorted, no time stamps, PNGs without a software tag) and meant for Git:
+
+* ``metrics.json``: ``{job: {init: {pct<p>: {metric: value}}}, "pretrain": {key: value}}``, values
+  as the cells wrote them (fractions, not percent); only each job's own metric is kept.
+* ``tables/{classification,segmentation,detection}.{md,tex,csv}``: one row per encoder init, columns
+  dataset x 1 % / 10 % / 100 %, values in percent with one decimal, then a ``published`` row holding
+  the paper's figure in the 100 % columns. The best init per column is the highest unrounded value
+  (exact ties all marked; the published row is not compared): **bold** in md and tex; in csv a last
+  column ``best`` lists, ``;``-separated, the column headers in which that row is best. A cell not run
+  is a dash in md and tex and an empty field in csv (the published row's 1 % / 10 % fields are empty
+  too: nothing was published for them).
+* ``tables/pretraining.{md,tex,csv}``: final losses, retrieval, feature geometry, parameter counts.
+* ``plots/fraction/<job>.csv`` (``pct,mflag,random[,imagenet]``, fractions; an empty field where a cell
+  is missing), ``plots/fraction.png``, ``plots/losses.png``, ``plots/spectrum.png``.
+* ``claims.md``: the paper's headline claims, each supported, not supported or not evaluable.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import yaml
+
+from mflag.io import atomic_write
+
+
+class CollateError(ValueError):
+    """An input that breaks its contract (names the file)."""
+
+
+class Job(NamedTuple):
+    table: str  # the paper table it belongs to
+    dataset: str  # column label
+    metric: str  # the key the cell writes (CONTRACTS.md, "Metrics")
+
+
+JOBS: dict[str, Job] = {
+    "cls_chexpert": Job("classification", "CheXpert", "auc"),
+    "cls_rsna": Job("classification", "RSNA", "auc"),
+    "cls_covidx": Job("classification", "COVIDx", "acc"),
+    "seg_siim": Job("segmentation", "SIIM", "dice"),
+    "seg_rsna": Job("segmentation", "RSNA", "dice"),
+    "det_rsna": Job("detection", "RSNA", "map"),
+    "det_objcxr": Job("detection", "Object-CXR", "map"),
+}
+TABLES = ("classification", "segmentation", "detection")
+PCTS = (1, 10, 100)
+INIT_LABELS = {"mflag": "M-FLAG", "random": "Random", "imagenet": "ImageNet"}
+METRIC_LABELS = {"auc": "AUC", "acc": "ACC", "dice": "Dice", "map": "mAP"}
+PUBLISHED_LABEL = "published (M-FLAG paper, fraction not stated; assumed 100%)"
+PAPER_REDUCTION = 0.78  # "78% fewer trainable parameters" (abstract)
+REDUCTION_TOLERANCE = 0.02  # fraction points: rounding, and the LM's own size differing slightly
+
+Cells = dict[tuple[str, int, str], float]  # (job, pct, init) -> the job's metric, a fraction
+
+
+@dataclass(frozen=True)
+class Reference:
+    source: str
+    fraction_note: str
+    published: dict[str, float]  # job -> the paper's figure, percent
+
+
+# ------------------------------------------------------------------------------------------ read
+def cell_name(job: str, pct: int, init: str) -> str:
+    return f"{job}-{pct}-{init}"
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_cells(finetune_dir: str | Path) -> Cells:
+    """The metric of every cell present under `finetune_dir` (<job>-<pct>-<init>/metrics.json)."""
+    cells: Cells = {}
+    for job, spec in JOBS.items():
+        for pct in PCTS:
+            for init in INIT_LABELS:
+                path = Path(finetune_dir) / cell_name(job, pct, init) / "metrics.json"
+                if not path.is_file():
+                    continue
+                try:
+                    rec = json.loads(path.read_text())
+                except json.JSONDecodeError as err:
+                    raise CollateError(f"{path}: not valid JSON ({err})") from None
+                for key, want in (("job", job), ("pct", pct), ("init", init)):
+                    if rec.get(key) != want:
+                        raise CollateError(f"{path}: `{key}` is {rec.get(key)!r}, the folder name says {want!r}")
+                value = rec.get(spec.metric)
+                if isinstance(value, float) and math.isnan(value):
+                    continue  # undefined on this test set (e.g. AUC with one class): shown as missing
+                if not _number(value):
+                    raise CollateError(f"{path}: `{spec.metric}` must be a finite number, got {rec.get(spec.metric)!r}")
+                cells[(job, pct, init)] = float(rec[spec.metric])
+    return cells
+
+
+def read_pretrain(path: str | Path) -> dict[str, float]:
+    """The scalar entries of the pretraining metrics (non-numeric ones are left out)."""
+    rec = json.loads(Path(path).read_text())
+    dotted = [k for k in rec if "." in k]
+    if dotted:
+        raise CollateError(f"{path}: metric keys may not contain dots: {', '.join(dotted)}")
+    return {k: v for k, v in rec.items() if _number(v)}
+
+
+def read_columns(path: str | Path) -> dict[str, list[float]]:
+    """A numeric CSV as columns."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise CollateError(f"{path}: no rows")
+    return {k: [float(r[k]) for r in rows] for k in rows[0]}
+
+
+def read_reference(path: str | Path) -> Reference:
+    """paper_reference.yaml: source, fraction_note and mflag_published {job: {metric: percent}}."""
+    raw = yaml.safe_load(Path(path).read_text())
+    published = {}
+    for job, entry in (raw.get("mflag_published") or {}).items():
+        metric = JOBS[job].metric if job in JOBS else None
+        if metric is None or not isinstance(entry, dict) or set(entry) != {metric} or not _number(entry[metric]):
+            raise CollateError(f"{path}: mflag_published.{job} must be a job ({', '.join(JOBS)}) holding its metric "
+                               "as a number")
+        published[job] = float(entry[metric])
+    return Reference(source=str(raw["source"]), fraction_note=str(raw["fraction_note"]), published=published)
+
+
+# --------------------------------------------------------------------------------------- metrics
+def present_inits(cells: Cells) -> list[str]:
+    """mflag and random always; imagenet where any of its cells exists."""
+    return [i for i in INIT_LABELS if i != "imagenet" or any(k[2] == i for k in cells)]
+
+
+def missing_cells(cells: Cells) -> list[str]:
+    return [cell_name(j, p, i) for i in present_inits(cells) for j in JOBS for p in PCTS if (j, p, i) not in cells]
+
+
+def collated_metrics(cells: Cells, pretrain: dict[str, float]) -> dict:
+    """The nested metrics whose flattened keys read <job>.<init>.pct<p>.<metric> and pretrain.<key>."""
+    out: dict = {}
+    for job, pct, init in sorted(cells, key=lambda k: (k[0], k[2], f"pct{k[1]}")):
+        out.setdefault(job, {}).setdefault(init, {})[f"pct{pct}"] = {JOBS[job].metric: cells[(job, pct, init)]}
+    out["pretrain"] = {k: pretrain[k] for k in sorted(pretrain)}
+    return {k: out[k] for k in sorted(out)}
+
+
+# ---------------------------------------------------------------------------------------- tables
+@dataclass(frozen=True)
+class Row:
+    key: str  # init key, or "published"
+    label: str
+    values: list[float | None]  # percent
+    best: list[bool]
+
+
+@dataclass(frozen=True)
+class Table:
+    jobs: list[str]
+    rows: list[Row]
+    published: Row
+    missing: list[str]
+
+    @property
+    def columns(self) -> list[tuple[str, int]]:
+        return [(j, p) for j in self.jobs for p in PCTS]
+
+    @property
+    def headers(self) -> list[str]:
+        return [f"{JOBS[j].dataset} {METRIC_LABELS[JOBS[j].metric]} {p}%" for j, p in self.columns]
+
+
+def fraction_table(cells: Cells, table: str, reference: Reference) -> Table:
+    jobs = [j for j, spec in JOBS.items() if spec.table == table]
+    columns = [(j, p) for j in jobs for p in PCTS]
+    values = {i: [_percent(cells.get((j, p, i))) for j, p in columns] for i in present_inits(cells)}
+    best = [max((v[c] for v in values.values() if v[c] is not None), default=None) for c in range(len(columns))]
+    rows = [Row(i, INIT_LABELS[i], v, [x is not None and x == b for x, b in zip(v, best)]) for i, v in values.items()]
+    pub = [reference.published.get(j) if p == 100 else None for j, p in columns]
+    missing = [m for m in missing_cells(cells) if m.rsplit("-", 2)[0] in jobs]
+    return Table(jobs, rows, Row("published", PUBLISHED_LABEL, pub, [False] * len(columns)), missing)
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
+def _pct(value: float | None, dash: str = "-") -> str:
+    return dash if value is None else f"{value:.1f}"
+
+
+_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "|": r"\textbar{}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _tex(text: str) -> str:
+    return re.sub(r"[\\&%$#_{}|~^]", lambda m: _TEX_ESCAPES[m.group()], text)
+
+
+def _source_note(reference: Reference) -> str:
+    return f"Source: {reference.source}; {reference.fraction_note}."
+
+
+def _table_notes(table: Table, dash: str) -> list[str]:
+    notes = [f"Values in percent on the test split. Bold: the best encoder init per column (highest unrounded "
+             f"value; the published row is not compared). {dash}: cell not run."]  # fmt: skip
+    if table.missing:
+        notes.append(f"Missing cells ({len(table.missing)}, shown as {dash}): {', '.join(table.missing)}.")
+    return notes
+
+
+def render_md(table: Table, reference: Reference) -> str:
+    lines = ["| Encoder | " + " | ".join(table.headers) + " |", "|---|" + "---:|" * len(table.headers)]
+    for row in table.rows:
+        cells = [f"**{_pct(v)}**" if b else _pct(v) for v, b in zip(row.values, row.best)]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    pub = [_pct(v) if p == 100 else "" for v, (_, p) in zip(table.published.values, table.columns)]
+    lines.append(f"| {table.published.label}[^published] | " + " | ".join(pub) + " |")
+    notes = [""] + _table_notes(table, "-") + ["", f"[^published]: {_source_note(reference)}"]
+    return "\n".join(lines + notes) + "\n"
+
+
+def render_tex(table: Table, reference: Reference) -> str:
+    n = len(table.headers)
+    groups = " & ".join(
+        rf"\multicolumn{{3}}{{c}}{{{_tex(JOBS[j].dataset)} ({METRIC_LABELS[JOBS[j].metric]})}}" for j in table.jobs
+    )
+    rules = "".join(rf"\cmidrule(lr){{{2 + 3 * k}-{4 + 3 * k}}}" for k in range(len(table.jobs)))
+    lines = [
+        "% Written by stages/collate.py (booktabs); values in percent.",
+        rf"\begin{{tabular}}{{l*{{{n}}}{{c}}}}",
+        r"\toprule",
+        rf" & {groups} \\",
+        rules,
+        "Encoder & " + " & ".join(rf"{p}\%" for _, p in table.columns) + r" \\",
+        r"\midrule",
+    ]
+    for row in table.rows:
+        cells = [rf"\textbf{{{_pct(v, '--')}}}" if b else _pct(v, "--") for v, b in zip(row.values, row.best)]
+        lines.append(f"{_tex(row.label)} & " + " & ".join(cells) + r" \\")
+    pub = [_pct(v, "--") if p == 100 else "" for v, (_, p) in zip(table.published.values, table.columns)]
+    lines += [r"\midrule", f"{_tex(table.published.label)}$^\\dagger$ & " + " & ".join(pub) + r" \\",
+              r"\bottomrule", r"\end{tabular}", "",
+              r"\smallskip{\footnotesize " + " ".join(_tex(s) for s in _table_notes(table, "--"))
+              + rf" $^\dagger${_tex(_source_note(reference))}}}"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _csv_text(header: list[str], rows: list[list]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def render_csv(table: Table) -> str:
+    headers = table.headers
+    rows = []
+    for row in [*table.rows, table.published]:
+        best = ";".join(h for h, b in zip(headers, row.best) if b)
+        rows.append([row.key, row.label, *[_pct(v, "") for v in row.values], best])
+    return _csv_text(["init", "label", *headers, "best"], rows)
+
+
+# (group, label, key, kind); kind: pct (a fraction shown in percent), count, or float
+PRETRAIN_ROWS = (
+    ("loss", "total", "loss_total", "float"),
+    ("loss", "alignment", "loss_align", "float"),
+    ("loss", "orthogonality", "loss_ortho", "float"),
+    ("retrieval", "image-to-text R@1", "i2t_r1", "pct"),
+    ("retrieval", "image-to-text R@5", "i2t_r5", "pct"),
+    ("retrieval", "image-to-text R@10", "i2t_r10", "pct"),
+    ("retrieval", "text-to-image R@1", "t2i_r1", "pct"),
+    ("retrieval", "text-to-image R@5", "t2i_r5", "pct"),
+    ("retrieval", "text-to-image R@10", "t2i_r10", "pct"),
+    ("geometry", "effective rank", "effective_rank", "float"),
+    ("geometry", "mean absolute off-diagonal correlation", "mean_abs_offdiag_corr", "float"),
+    ("parameters", "total", "params_total", "count"),
+    ("parameters", "trainable", "params_trainable", "count"),
+    ("parameters", "frozen (language model)", "params_frozen", "count"),
+    ("parameters", "trainable share", "trainable_share", "pct"),
+    ("parameters", "reduction (frozen / total)", "parameter_reduction", "pct"),
+)
+
+
+def _pretrain_value(kind: str, value: float | None, thousands: bool) -> str:
+    if value is None:
+        return "-" if thousands else ""
+    if kind == "pct":
+        return f"{100 * value:.1f}"
+    if kind == "count":
+        return f"{int(value):,}" if thousands else str(int(value))
+    return f"{value:.4f}"
+
+
+def render_pretraining(pretrain: dict[str, float]) -> dict[str, str]:
+    """The pretraining table as {"md": ..., "tex": ..., "csv": ...}."""
+    rows = [(g, label, key, "%" if kind == "pct" else "", kind) for g, label, key, kind in PRETRAIN_ROWS]
+    n_valid = pretrain.get("valid_images")
+    note = f"Retrieval and geometry on the mimic valid split ({int(n_valid)} images)." if n_valid else ""
+    md = ["| group | quantity | value |", "|---|---|---:|"]
+    tex = ["% Written by stages/collate.py (booktabs).", r"\begin{tabular}{llr}", r"\toprule",
+           r"group & quantity & value \\", r"\midrule"]  # fmt: skip
+    body = []
+    for g, label, key, unit, kind in rows:
+        shown = _pretrain_value(kind, pretrain.get(key), True) + (f" {unit}" if unit and key in pretrain else "")
+        md.append(f"| {g} | {label} | {shown} |")
+        tex.append(f"{g} & {_tex(label)} & {_tex(shown)} " + r"\\")
+        body.append([g, label, key, _pretrain_value(kind, pretrain.get(key), False), unit])
+    tex += [r"\bottomrule", r"\end{tabular}"] + ([rf"\smallskip{{\footnotesize {_tex(note)}}}"] if note else [])
+    return {
+        "md": "\n".join(md + ([""] + [note] if note else [])) + "\n",
+        "tex": "\n".join(tex) + "\n",
+        "csv": _csv_text(["group", "quantity", "key", "value", "unit"], body),
+    }
+
+
+# ----------------------------------------------------------------------------------------- plots
+def fraction_csv(cells: Cells, job: str) -> str:
+    """Metric (fraction) vs data fraction for one job, one column per init; empty where not run."""
+    inits = present_inits(cells)
+    rows = [[p, *[repr(cells[(job, p, i)]) if (job, p, i) in cells else "" for i in inits]] for p in PCTS]
+    return _csv_text(["pct", *inits], rows)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})  # no version tag: same bytes every run
+    return buf.getvalue()
+
+
+def _figure(rows: int, cols: int, size: tuple[float, float]):
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot state
+
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def fraction_png(cells: Cells, reference: Reference) -> bytes:
+    import matplotlib.style
+
+    with matplotlib.style.context("default"):  # not the user's matplotlibrc: same bytes everywhere
+        fig, axes = _figure(len(TABLES), 3, (11, 9))
+        for r, table in enumerate(TABLES):
+            jobs = [j for j, s in JOBS.items() if s.table == table]
+            for c, ax in enumerate(axes[r]):
+                if c >= len(jobs):
+                    ax.set_axis_off()
+                    continue
+                job = jobs[c]
+                for init in present_inits(cells):
+                    y = [100 * cells[(job, p, init)] if (job, p, init) in cells else math.nan for p in PCTS]
+                    ax.plot(PCTS, y, marker="o", label=INIT_LABELS[init])
+                if job in reference.published:
+                    ax.plot([100], [reference.published[job]], marker="*", ms=12, ls="", color="0.3",
+                            label="published (assumed 100%)")  # fmt: skip
+                ax.set_xscale("log")
+                ax.set_xticks(PCTS, [f"{p}%" for p in PCTS])
+                ax.set_title(f"{JOBS[job].dataset} {METRIC_LABELS[JOBS[job].metric]} ({job})")
+                ax.set_xlabel("training data")
+                ax.set_ylabel(f"{METRIC_LABELS[JOBS[job].metric]} (%)")
+                ax.grid(alpha=0.3)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower right", bbox_to_anchor=(0.95, 0.1))
+        return _png(fig)
+
+
+def losses_png(losses: dict[str, list[float]]) -> bytes:
+    import matplotlib.style
+
+    with matplotlib.style.context("default"):
+        fig, axes = _figure(3, 1, (7, 8))
+        for ax, key in zip(axes[:, 0], ("align", "ortho", "total")):
+            ax.plot(losses["step"], losses[key])
+            ax.set_ylabel(f"{key} loss")
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("step")
+        axes[0, 0].set_title("Pretraining losses")
+        return _png(fig)
+
+
+def spectrum_png(spectrum: dict[str, list[float]]) -> bytes:
+    import matplotlib.style
+
+    with matplotlib.style.context("default"):
+        fig, axes = _figure(1, 1, (7, 4.5))
+        ax = axes[0, 0]
+        ax.plot(spectrum["index"], spectrum["singular_value"])
+        ax.set_yscale("log")
+        ax.set(xlabel="index", ylabel="singular value", title="Spectrum of the image features (mimic valid)")
+        ax.grid(alpha=0.3)
+        return _png(fig)
+
+
+# ---------------------------------------------------------------------------------------- claims
+def _claim(title: str, verdict: str, body: list[str]) -> str:
+    return "\n".join([f"## {title}: **{verdict}**", "", *body, ""])
+
+
+def claim_reduction(pretrain: dict[str, float]) -> str:
+    title = "(a) 78% fewer trainable parameters"
+    if "parameter_reduction" not in pretrain:
+        return _claim(title, "not evaluable", ["reports/pretrain/metrics.json has no `parameter_reduction`."])
+    ours = pretrain["parameter_reduction"]
+    verdict = "supported" if abs(ours - PAPER_REDUCTION) <= REDUCTION_TOLERANCE else "not supported"
+    counts = ", ".join(f"{k.removeprefix('params_')} {int(pretrain[k]):,}" for k in ("params_total", "params_trainable",
+                       "params_frozen") if k in pretrain)  # fmt: skip
+    return _claim(title, verdict, [
+        f"This run: parameter reduction (frozen / total) = {100 * ours:.1f}% ({counts}); paper: "
+        f"{100 * PAPER_REDUCTION:.0f}% (counted as supported within {100 * REDUCTION_TOLERANCE:.0f} percentage "
+        "points).",
+        "",
+        "The figure depends on the size of the frozen language model, not on the method: the frozen share is "
+        "the LM's parameters over all parameters. The demo's all-MiniLM-L6-v2 (22.7M parameters) gives about "
+        "41%; CXR-BERT (`microsoft/BiomedVLP-CXR-BERT-general`, BERT-base size, about 110M) with the same "
+        "ResNet-50 and projectors (about 33.5M trainable) would give about 77%, the paper's figure.",
+    ])  # fmt: skip
+
+
+def claim_mflag_ahead(cells: Cells) -> str:
+    title = "(b) M-FLAG ahead of the other encoder inits on every job and data fraction"
+    wins, lost, compared = 0, [], 0
+    for job in JOBS:
+        for pct in PCTS:
+            if (job, pct, "mflag") not in cells:
+                continue
+            others = {i: cells[(job, pct, i)] for i in INIT_LABELS if i != "mflag" and (job, pct, i) in cells}
+            if not others:
+                continue
+            compared += 1
+            ours = cells[(job, pct, "mflag")]
+            if all(ours > v for v in others.values()):
+                wins += 1
+            else:
+                vs = ", ".join(f"{INIT_LABELS[i]} {100 * v:.1f}" for i, v in others.items())
+                lost.append(f"- {job} at {pct}%: M-FLAG {100 * ours:.1f} vs {vs} ({JOBS[job].metric}, %)")
+    total = len(JOBS) * len(PCTS)
+    if compared == 0:
+        return _claim(title, "not evaluable", [f"No (job, fraction) has both an M-FLAG cell and another init's cell "
+                                               f"(of {total})."])  # fmt: skip
+    body = [f"M-FLAG is strictly ahead in {wins} of {compared} (job, fraction) cells that have M-FLAG and another "
+            f"init" + (f"; {total - compared} of {total} cannot be compared yet." if compared < total else ".")]
+    if lost:
+        body += ["", "Not ahead in:", *lost]
+    return _claim(title, "supported" if not lost else "not supported", body)
+
+
+def claim_one_percent_rsna(cells: Cells) -> str:
+    title = "(c) 1% RSNA segmentation from M-FLAG beats ImageNet init at 100%"
+    ours, theirs = cells.get(("seg_rsna", 1, "mflag")), cells.get(("seg_rsna", 100, "imagenet"))
+    if theirs is None:
+        return _claim(title, "not evaluable", [
+            "No seg_rsna-100-imagenet cell: the ImageNet-initialised baseline needs torchvision's ResNet-50 "
+            "ImageNet weights, which are not shipped with this project (no download happens here), so no "
+            "imagenet cells were run."
+            + (f" M-FLAG at 1%: Dice {100 * ours:.1f}%." if ours is not None else ""),
+        ])  # fmt: skip
+    if ours is None:
+        return _claim(title, "not evaluable", ["No seg_rsna-1-mflag cell."])
+    verdict = "supported" if ours > theirs else "not supported"
+    return _claim(title, verdict, [f"Dice: M-FLAG at 1% {100 * ours:.1f}% vs ImageNet at 100% {100 * theirs:.1f}%."])
+
+
+def render_claims(cells: Cells, pretrain: dict[str, float]) -> str:
+    head = ["# The M-FLAG paper's headline claims, checked against this run", "",
+            "Written by stages/collate.py from reports/pretrain/metrics.json and reports/finetune/*/metrics.json. "
+            "Verdicts: supported, not supported, or not evaluable (the run lacks what the claim needs).",
+            ""]  # fmt: skip
+    return "\n".join(head + [claim_reduction(pretrain), claim_mflag_ahead(cells), claim_one_percent_rsna(cells)])
+
+
+# ----------------------------------------------------------------------------------------- write
+def write_reports(
+    cells: Cells,
+    pretrain: dict[str, float],
+    losses: dict[str, list[float]],
+    spectrum: dict[str, list[float]],
+    reference: Reference,
+    out: str | Path,
+) -> None:
+    """Everything collate writes, under `out` (metrics.json, tables/, plots/, claims.md)."""
+    out = Path(out)
+    atomic_write(out / "metrics.json", json.dumps(collated_metrics(cells, pretrain), indent=2) + "\n")
+    for name in TABLES:
+        table = fraction_table(cells, name, reference)
+        atomic_write(out / "tables" / f"{name}.md", render_md(table, reference))
+        atomic_write(out / "tables" / f"{name}.tex", render_tex(table, reference))
+        atomic_write(out / "tables" / f"{name}.csv", render_csv(table))
+    for ext, text in render_pretraining(pretrain).items():
+        atomic_write(out / "tables" / f"pretraining.{ext}", text)
+    for job in JOBS:
+        atomic_write(out / "plots" / "fraction" / f"{job}.csv", fraction_csv(cells, job))
+    atomic_write(out / "plots" / "fraction.png", fraction_png(cells, reference))
+    atomic_write(out / "plots" / "losses.png", losses_png(losses))
+    atomic_write(out / "plots" / "spectrum.png", spectrum_png(spectrum))
+    atomic_write(out / "claims.md", render_claims(cells, pretrain))

@@ -1,0 +1,51 @@
+"""Stage `collate`: every fine-tuning cell and the pretraining run into reports/ (see mflag/collate.py).
+
+Reads reports/finetune/<job>-<pct>-<init>/metrics.json (a missing cell is a warning and a dash in the
+tables), reports/pretrain/{metrics.json,losses.csv,spectrum.csv} and references/paper_reference.yaml
+(a missing one ends the stage with its name). Writes reports/metrics.json, reports/tables/,
+reports/plots/ and reports/claims.md. Reads no params.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from mflag.collate import (
+    CollateError,
+    missing_cells,
+    read_cells,
+    read_columns,
+    read_pretrain,
+    read_reference,
+    write_reports,
+)
+
+FINETUNE = Path("reports/finetune")
+PRETRAIN = Path("reports/pretrain")
+REFERENCE = Path("references/paper_reference.yaml")
+OUT = Path("reports")
+
+
+def main() -> None:
+    for path in (PRETRAIN / "metrics.json", PRETRAIN / "losses.csv", PRETRAIN / "spectrum.csv", REFERENCE):
+        if not path.is_file():
+            hint = "it is tracked in Git" if path == REFERENCE else "run the pretrain stage first (dvc repro pretrain)"
+            sys.exit(f"error: collate: input file not found: {path}; {hint}")
+    try:
+        cells = read_cells(FINETUNE)
+        pretrain = read_pretrain(PRETRAIN / "metrics.json")
+        losses, spectrum = read_columns(PRETRAIN / "losses.csv"), read_columns(PRETRAIN / "spectrum.csv")
+        reference = read_reference(REFERENCE)
+    except CollateError as err:
+        sys.exit(f"error: collate: {err}")
+    missing = missing_cells(cells)
+    if missing:
+        print(f"warning: collate: {len(missing)} fine-tuning cells not found under {FINETUNE}/ (dashes in the "
+              f"tables): {', '.join(missing)}", file=sys.stderr)  # fmt: skip
+    write_reports(cells, pretrain, losses, spectrum, reference, OUT)
+    print(f"collate: {len(cells)} cells, tables in {OUT}/tables, plots in {OUT}/plots, claims in {OUT}/claims.md")
+
+
+if __name__ == "__main__":
+    main()

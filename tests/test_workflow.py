@@ -1,0 +1,95 @@
+"""The review workflow end to end, in a temporary Git repository holding this project's files.
+
+`dvc repro` on a tiny params profile; then `dvc exp run -S loss.ortho_weight=0.5` must re-run exactly
+pretrain, the -mflag cells and collate; `dvc metrics diff` must show pretrain and mflag keys moving and no
+random key; `dvc exp show`, `dvc params diff` and `dvc plots diff` must succeed. This runs the real dvc.yaml
+(all 42 cells) at toy sizes, so it takes several minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, TINY_PRETRAIN, TINY_SYNTHETIC, deep_merge, repo_params_dict
+from tests.test_finetune_stage import TINY_FINETUNE
+
+JOBS = ("cls_chexpert", "cls_rsna", "cls_covidx", "seg_siim", "seg_rsna", "det_rsna", "det_objcxr")
+CELLS = [f"{job}-{pct}-{init}" for job in JOBS for pct in (1, 10, 100) for init in ("mflag", "random")]
+
+
+def _run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}  # fmt: skip
+    proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, env=env, timeout=1800)
+    if check:
+        assert proc.returncode == 0, f"{args}: {proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """This project's tracked and untracked-but-not-ignored files in a fresh Git repository, tiny params."""
+    wd = tmp_path_factory.mktemp("workflow")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+                           check=True).stdout.decode().split("\0")  # fmt: skip
+    skip = ("reports/", "data/", "models/", "dvc.lock")  # the outputs of the real run are rebuilt here
+    for rel in filter(None, files):
+        if rel.startswith(skip) or not (REPO / rel).is_file():
+            continue
+        (wd / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, wd / rel)
+    data = {"image_size": 40}  # toy corpus: large valid / test shares so that no split is empty
+    for ds in ("chexpert", "covidx", "objcxr"):
+        data[ds] = {"valid_fraction": 0.3}
+    for ds in ("rsna", "siim"):
+        data[ds] = {"valid_fraction": 0.25, "test_fraction": 0.25}
+    params = deep_merge(repo_params_dict(), {"data": data, "synthetic": TINY_SYNTHETIC, "pretrain": TINY_PRETRAIN,
+                                             "finetune": TINY_FINETUNE})  # fmt: skip
+    (wd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(wd, "git", "init", "-q", "-b", "main")
+    _run(wd, "git", "add", "-A")
+    _run(wd, "git", "commit", "-qm", "tiny profile")
+    return wd
+
+
+def test_review_workflow(repo):
+    dvc = (sys.executable, "-m", "dvc")
+    first = _run(repo, *dvc, "repro")
+    assert {"synthesize", "embed_text", "pretrain", "init_random", "collate"} <= _ran(first.stdout)
+    assert {f"finetune@{c}" for c in CELLS} <= _ran(first.stdout)
+    assert "Data and pipelines are up to date" in _run(repo, *dvc, "status").stdout
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert set(metrics) == set(JOBS) | {"pretrain"}
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "baseline results")
+
+    exp = _run(repo, *dvc, "exp", "run", "-S", "loss.ortho_weight=0.5")
+    ran = _ran(exp.stdout)
+    want = {"pretrain", "collate"} | {f"finetune@{c}" for c in CELLS if c.endswith("-mflag")}
+    assert ran == want, (sorted(ran - want), sorted(want - ran))
+
+    diff = json.loads(_run(repo, *dvc, "metrics", "diff", "--json").stdout or "{}")
+    moved = set(diff.get("reports/metrics.json", {}))
+    assert any(k.startswith("pretrain.") for k in moved), moved
+    assert any(".mflag." in k for k in moved), moved
+    assert not any(".random." in k for k in moved), moved
+    params = json.loads(_run(repo, *dvc, "params", "diff", "--json").stdout)
+    assert params["params.yaml"]["loss.ortho_weight"] == {"old": 1.0, "new": 0.5}
+    show = _run(repo, *dvc, "exp", "show", "--json")
+    assert "ortho_weight" in show.stdout
+    _run(repo, *dvc, "plots", "diff", "-o", str(repo / ".plots-diff"))
+    assert (repo / ".plots-diff" / "index.html").is_file()
