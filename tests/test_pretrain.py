@@ -174,3 +174,26 @@ def test_the_language_model_stays_frozen():
     assert all(p.grad is None and not p.requires_grad for p in enc.model.parameters())
     assert all(torch.equal(before[k], v) for k, v in enc.model.state_dict().items())
     assert not enc.model.training
+
+
+def test_frozen_stages_keep_their_init_and_batch_norm_statistics(tmp_path):
+    """frozen_stages=2: stem, layer1, layer2 bit-identical (weights and BN buffers) after training;
+    layer3, layer4 and the projectors move. A real (small-input) ResNet-50."""
+    from mflag.models import resnet50_trunk
+
+    torch.manual_seed(0)
+    model = MFLAG(resnet50_trunk(), text_dim=16, proj_hidden=32, proj_dim=8, frozen_stages=2)
+    before = _params(model)
+    data = tiny_data(12)
+    data.train_idx = np.arange(8)
+    train(model, data, tiny_config(epochs=1, batch_size=4), CPU1, tmp_path / "r.pt", "f", progress=False)
+    after = _params(model)
+    frozen = ("encoder.conv1.", "encoder.bn1.", "encoder.layer1.", "encoder.layer2.")
+    for k in before:
+        if k.startswith(frozen):
+            assert torch.equal(before[k], after[k]), k
+    for prefix in ("encoder.layer3.", "encoder.layer4.", "proj_img.", "proj_txt."):
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+    assert model.training and not model.encoder.layer2.training and model.encoder.layer3.training
+    with pytest.raises(ValueError, match="0..4"):
+        MFLAG(resnet50_trunk(), 16, 32, 8, frozen_stages=5)
