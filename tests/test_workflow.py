@@ -88,7 +88,8 @@ def test_review_workflow(repo):
     assert any(".mflag." in k for k in moved), moved
     assert not any(".random." in k for k in moved), moved
     params = json.loads(_run(repo, *dvc, "params", "diff", "--json").stdout)
-    assert params["params.yaml"]["loss.ortho_weight"] == {"old": 1.0, "new": 0.5}
+    change = params["params.yaml"]["loss.ortho_weight"]
+    assert (change["old"], change["new"]) == (1.0, 0.5)
     show = _run(repo, *dvc, "exp", "show", "--json")
     assert "ortho_weight" in show.stdout
     _run(repo, *dvc, "plots", "diff", "-o", str(repo / ".plots-diff"))
