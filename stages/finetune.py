@@ -18,11 +18,13 @@ from safetensors.torch import load_file
 from mflag.config import to_dict
 from mflag.distributed import resolve_device
 from mflag.finetune.data import JOBS, load_task_data
-from mflag.io import git_revision, write_json
+from mflag.io import write_json
 from mflag.models import load_trunk
 from mflag.params import load_or_exit
 
 INITS = ("mflag", "random", "imagenet")
+# Timings are printed, never written: they would make the outputs (and dvc.lock) differ between identical runs.
+TIMING = ("seconds", "train_images_per_s", "feature_seconds", "train_images_per_second")
 
 
 def _encoder_path(init: str) -> Path:
@@ -60,7 +62,7 @@ def main(job: str, pct: int, init: str) -> None:
 
     def log(rec: dict) -> None:
         for k, v in rec.items():
-            if k != "epoch" and isinstance(v, (int, float)):
+            if k != "epoch" and k not in TIMING and isinstance(v, (int, float)):
                 live.log_metric(k, float(v))
         live.next_step()
         log_rows.append(rec)
@@ -120,11 +122,13 @@ def main(job: str, pct: int, init: str) -> None:
                                 data.test_rows, cfg, device, seed, log=log, widths=tuple(c.neck_widths))  # fmt: skip
         task_params = to_dict(c)
     live.end()
+    timing = {k: result.pop(k) for k in TIMING if k in result}
     write_json(out / "metrics.json", {
         "job": job, "pct": pct, "init": init, **result,
         "params": {"seed": seed, "finetune": {task: task_params, "device": ft.device, "precision": ft.precision}},
-        "git_revision": git_revision(),
     })  # fmt: skip
+    if timing:
+        print(f"finetune {cell} timing: " + ", ".join(f"{k}={v:.1f}" for k, v in timing.items()))
     print(f"finetune {cell}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)))
 
 

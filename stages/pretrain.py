@@ -19,7 +19,7 @@ import torch
 from mflag import distributed
 from mflag.augment import AugmentSpec
 from mflag.config import to_dict
-from mflag.io import atomic_write, git_revision, write_json
+from mflag.io import atomic_write, write_json
 from mflag.models import MFLAG, VisionInitError, build_trunk, count_parameters, save_trunk
 from mflag.params import load_or_exit
 from mflag.pretrain import TrainConfig, evaluate, load_data, train
@@ -99,7 +99,7 @@ def main() -> None:
         buf = io.BytesIO()
         torch.save({"model": model.state_dict(), "history": history, "params": run_params}, buf)
         atomic_write(MODELS / "checkpoint.pt", buf.getvalue())
-        write_json(MODELS / "run.json", {"params": to_dict(params), "git_revision": git_revision(), "text_model": meta})
+        write_json(MODELS / "run.json", {"params": to_dict(params), "text_model": meta})
         write_json(REPORTS / "metrics.json", report)
         atomic_write(REPORTS / "losses.csv", _csv([{k: r[k] for k in ("step", "epoch", "align", "ortho", "total", "lr")} for r in history["step"]]))
         atomic_write(REPORTS / "spectrum.csv", _csv([{"index": i, "singular_value": float(s)} for i, s in enumerate(spectrum)]))
