@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torchvision
 from safetensors.torch import load_file, save_file
+
+from mflag.resnet import ResNet50
 
 FEATURE_DIM = 2048  # ResNet-50's pooled feature width
 
@@ -23,10 +24,8 @@ class VisionInitError(Exception):
 
 
 def resnet50_trunk() -> nn.Module:
-    """torchvision ResNet-50 with its classifier removed: (B, 3, H, W) -> (B, 2048)."""
-    net = torchvision.models.resnet50(weights=None)
-    net.fc = nn.Identity()
-    return net
+    """ResNet-50 with its classifier removed, torchvision's names and init: (B, 3, H, W) -> (B, 2048)."""
+    return ResNet50()
 
 
 def load_imagenet_trunk(path: str | Path) -> nn.Module:

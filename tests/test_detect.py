@@ -311,3 +311,21 @@ def test_train_bf16_runs(tiny_task):
     rows = (np.arange(8), np.arange(8, 12), np.arange(12, 16))
     res = train_detector(state, images, boxes, *rows, cfg, "cpu", seed=1, widths=SMALL)
     assert res["epochs_run"] == 1 and res["n_test"] == 4 and res["n_test_scored"] <= 4
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nms_matches_torchvision(seed):
+    """Our greedy NMS against torchvision.ops.nms (the reference) on clustered random boxes."""
+    import torchvision
+
+    from mflag.finetune.detect import nms
+
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(6, 2, generator=g) * 60
+    c = centres[torch.randint(0, 6, (300,), generator=g)] + torch.randn(300, 2, generator=g) * 3
+    wh = torch.rand(300, 2, generator=g) * 20 + 1
+    boxes = torch.cat([c - wh / 2, c + wh / 2], 1)
+    scores = torch.randperm(300, generator=g).float() / 300  # distinct scores: the kept order is unique
+    for thr in (0.3, 0.5, 0.7):
+        assert torch.equal(nms(boxes, scores, thr), torchvision.ops.nms(boxes, scores, thr))
+    assert nms(boxes[:0], scores[:0], 0.5).shape == (0,)

@@ -29,7 +29,8 @@ training after `patience` epochs without improvement. Input: the uint8 cache res
 are scaled with the image.
 
 Inference: score = sigmoid(objectness) x sigmoid(class); boxes with score > conf_threshold, clipped to
-the image, NMS at nms_iou (torchvision.ops.nms), at most 100 per image.
+the image, greedy NMS at nms_iou (torchvision.ops.nms's rule, written here so that a detection cell
+does not import torchvision), at most 100 per image.
 
 Metric: the mean over `iou_thresholds` of COCO's single-class average precision (pycocotools'
 matching and 101-point interpolated precision, area "all", no crowd), over all test images. With
@@ -49,7 +50,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import nms
 
 from mflag.models import resnet50_trunk
 
@@ -205,6 +205,27 @@ def _decode_boxes(raw: torch.Tensor, anchors: torch.Tensor, stride: int) -> torc
     bw = aw * raw[..., 2].clamp(max=MAX_LOG_WH).exp()
     bh = ah * raw[..., 3].clamp(max=MAX_LOG_WH).exp()
     return torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy non-maximum suppression of (n, 4) x1, y1, x2, y2 boxes: the indices kept, by decreasing score.
+
+    A box is dropped when its IoU with a kept, higher-scoring box exceeds ``iou_threshold``
+    (the rule of torchvision.ops.nms; equal scores keep their input order)."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    b = boxes[order].cpu()
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    lt = torch.maximum(b[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(b[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    over = (inter / (area[:, None] + area[None, :] - inter) > iou_threshold).numpy()  # NaN (empty boxes): False
+    dropped = np.zeros(len(order), bool)
+    keep = []
+    for i in range(len(order)):
+        if not dropped[i]:
+            keep.append(i)
+            dropped |= over[i]
+    return order[torch.as_tensor(keep, dtype=torch.long, device=order.device)]
 
 
 def decode_and_nms(outputs: Sequence[torch.Tensor], cfg: DetectConfig) -> list[np.ndarray]:
