@@ -1,0 +1,46 @@
+"""Seconds a fresh Python process spends importing what each kind of fine-tune cell needs.
+
+Every cell of the 42-cell matrix is its own process, so this start-up is paid 42 times per `dvc repro`.
+Run:  python benchmarks/cell_startup.py [--repeats N]
+Each figure is the median wall time of N fresh interpreters running only the imports (the first,
+cold-cache run is discarded). `torch` alone is the floor; torchvision is shown for comparison (the
+cells no longer import it, except segmentation through segmentation-models-pytorch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+IMPORTS = {
+    "python only": "pass",
+    "torch": "import torch",
+    "torch + torchvision": "import torch, torchvision",
+    "classification cell": "import stages.finetune, mflag.finetune.classify, dvclive",
+    "detection cell": "import stages.finetune, mflag.finetune.detect, dvclive",
+    "segmentation cell": "import stages.finetune, mflag.finetune.segment, dvclive",
+}
+
+
+def seconds(code: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    print(f"{'imports':22s} {'median s':>9s}   (of {args.repeats} runs)")
+    for name, code in IMPORTS.items():
+        seconds(code)  # warm the page cache
+        runs = [seconds(code) for _ in range(args.repeats)]
+        print(f"{name:22s} {statistics.median(runs):9.2f}   {' '.join(f'{r:.2f}' for r in runs)}")
+
+
+if __name__ == "__main__":
+    main()
