@@ -1,10 +1,9 @@
-"""Small file helpers shared by the stages: atomic writes and run provenance."""
+"""Small file helpers shared by the stages: atomic writes."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 
@@ -19,12 +18,3 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def git_revision() -> str:
-    """The current commit, or 'unknown' outside Git. (No '-dirty' mark: dvc.lock itself changes while
-    `dvc repro` runs, which would make outputs depend on the order stages ran in.)"""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"

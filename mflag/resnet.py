@@ -1,6 +1,6 @@
 """ResNet-50 (He et al., 2016; the "v1.5" variant, stride on the 3x3 convolution), without torchvision.
 
-Why not torchvision: importing it loads its detection ops and, through them, torch._dynamo, about 4 s
+Why not torchvision: importing it loads its detection ops and, through them, torch._dynamo, 2.5 to 4 s
 per process on a 2-core machine; each of the 42 fine-tune cells is its own process, and only the
 segmentation cells need torchvision (through segmentation-models-pytorch).
 

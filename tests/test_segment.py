@@ -173,7 +173,7 @@ def test_shift_scale_rotate_warps_image_and_mask_alike():
 
 # ---------------------------------------------------------------------------------------- learning
 def _without_timing(logs: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in ("seconds", "train_images_per_s")} for row in logs]
+    return [{k: v for k, v in row.items() if k not in ("seconds", "train_images_per_second")} for row in logs]
 
 
 def test_early_stopping_tests_the_best_epoch(trunk_state, monkeypatch):

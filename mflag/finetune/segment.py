@@ -294,8 +294,11 @@ def train_segmenter(
         for name, rows in (("train", train_rows), ("valid", np.asarray(valid_rows)), ("test", np.asarray(test_rows)))
     }
 
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
     def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast():
             return model(x)
 
     # Without augmentation the frozen encoder's input never changes: encode every image once, then train
@@ -306,7 +309,7 @@ def train_segmenter(
         """(logits (B, 1, s, s), masks (B, 1, s, s)) of the rows `idx` of a split."""
         if split in cached:
             feats, masks = cached[split]
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with autocast():
                 return model.segmentation_head(model.decoder([f[idx] for f in feats])), masks[idx]
         images, masks = data[split]
         x, m = _resize(images[idx], masks[idx], cfg.input_size)
@@ -359,7 +362,7 @@ def train_segmenter(
                 "valid_loss": v_loss,
                 "valid_dice": float(np.concatenate(v_dice).mean()),
                 "best_epoch": best["epoch"],
-                "train_images_per_s": seen / train_seconds,
+                "train_images_per_second": seen / train_seconds,
                 "seconds": time.perf_counter() - t0,
             })
         if epoch - best["epoch"] >= cfg.patience:
