@@ -72,10 +72,16 @@ def test_bad_cell_arguments_print_usage(workdir):
     assert proc.returncode != 0 and "usage" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_dvc_matrix_is_every_cell():
+def test_dvc_stage_lists_every_cell_with_its_own_deps():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune"]
-    assert stage["matrix"] == {"job": list(JOBS), "pct": [1, 10, 100], "init": ["mflag", "random"]}
+    cells = stage["foreach"]
+    expected = {f"{job}-{pct}-{init}": {"job": job, "pct": pct, "init": init, "task": task, "dataset": dataset}
+                for job, (task, dataset) in JOBS.items() for pct in (1, 10, 100) for init in ("mflag", "random")}
+    assert cells == expected
+    do = stage["do"]
+    # a cell reads its own dataset's cache and its own task's params, nothing wider
+    assert "data/cache/${item.dataset}" in do["deps"] and "data/cache" not in do["deps"]
+    assert do["params"] == ["seed", "finetune.device", "finetune.precision", "finetune.${item.task}"]
     # a random-init cell must not depend on pretraining: its encoder path is templated on the init
-    assert "models/${item.init}/vision_encoder.safetensors" in stage["deps"]
-    assert not any(s in str(d) for d in stage["deps"] for s in ("models/mflag", "pretrain", "embeddings"))
-    assert stage["params"] == ["seed", "finetune"]
+    assert "models/${item.init}/vision_encoder.safetensors" in do["deps"]
+    assert not any(s in str(d) for d in do["deps"] for s in ("models/mflag", "pretrain", "embeddings"))

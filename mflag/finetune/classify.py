@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as nnf
 
 from mflag.augment import center_crop_normalize
+from mflag.optim import AdamW
 
 __all__ = [
     "ClassifyConfig",
@@ -448,7 +449,7 @@ def linear_probe(
     g_order = torch.Generator().manual_seed(seed + 1_000_003)
     g_aug = torch.Generator().manual_seed(seed + 2_000_006)
     head = _init_head(d_in, n_out, g_init).to(device)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     best = {"loss": math.inf, "epoch": 0, "state": None}
     bad = 0

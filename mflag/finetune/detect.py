@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mflag.models import resnet50_trunk
+from mflag.optim import AdamW
 
 STRIDES = (8, 16, 32)
 COCO_ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119), (116, 90), (156, 198), (373, 326))
@@ -519,7 +520,7 @@ def train_detector(
     train_truths = _scaled_truths(boxes, train_rows, scale)
     valid_truths = _scaled_truths(boxes, valid_rows, scale)
 
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_train = len(train_rows)
     best_map, best_epoch, best_state, waited, epochs_run = -math.inf, 0, copy.deepcopy(head.state_dict()), 0, 0
     best_valid_map = float("nan")

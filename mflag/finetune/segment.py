@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as nnf
 
+from mflag.optim import AdamW
+
 __all__ = [
     "SegmentConfig",
     "ShiftScaleRotate",
@@ -286,7 +288,7 @@ def train_segmenter(
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)  # order and augmentation, on the CPU
 
     data = {
