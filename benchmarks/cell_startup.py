@@ -1,6 +1,6 @@
 """Seconds a fresh Python process spends importing what each kind of fine-tune cell needs.
 
-Every cell of the 42-cell matrix is its own process, so this start-up is paid 42 times per `dvc repro`.
+Every one of the 42 cells is its own process, so this start-up is paid 42 times per `dvc repro`.
 Run:  python benchmarks/cell_startup.py [--repeats N]
 Each figure is the median wall time of N fresh interpreters running only the imports (the first,
 cold-cache run is discarded). `torch` alone is the floor; torchvision is shown for comparison (the
@@ -22,6 +22,9 @@ IMPORTS = {
     "classification cell": "import stages.finetune, mflag.finetune.classify, dvclive",
     "detection cell": "import stages.finetune, mflag.finetune.detect, dvclive",
     "segmentation cell": "import stages.finetune, mflag.finetune.segment, dvclive",
+    # torch.optim loads torch._dynamo when an optimizer is built; the cells use mflag.optim instead
+    "torch + torch.optim.AdamW": "import torch; torch.optim.AdamW(torch.nn.Linear(2, 1).parameters())",
+    "torch + mflag.optim.AdamW": "import torch, mflag.optim; mflag.optim.AdamW(torch.nn.Linear(2, 1).parameters(), 1e-3)",
 }
 
 
