@@ -50,3 +50,26 @@ def test_torchvision_state_dict_with_classifier_loads_through_the_imagenet_path(
     net = load_imagenet_trunk(path)
     assert torch.equal(net.state_dict()["layer4.2.bn3.running_var"], full.state_dict()["layer4.2.bn3.running_var"])
     assert torch.equal(net.state_dict()["conv1.weight"], full.state_dict()["conv1.weight"])
+
+
+def test_saved_encoder_bytes_do_not_depend_on_the_process(tmp_path):
+    # dvc.lock records the encoder file's md5: two runs must write the same bytes. safetensors orders
+    # two or more metadata keys differently per process, so save_trunk allows one.
+    import hashlib
+    import subprocess
+    import sys
+
+    import pytest
+
+    from mflag.models import save_trunk
+
+    code = ("import sys, torch; from mflag.models import save_trunk; torch.manual_seed(0); "
+            "save_trunk(torch.nn.Linear(3, 2), sys.argv[1], metadata={'init': 'random, seed 0'})")  # fmt: skip
+    digests = set()
+    for i in range(4):
+        out = tmp_path / f"enc{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True)
+        digests.add(hashlib.md5(out.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    with pytest.raises(ValueError, match="one metadata key"):
+        save_trunk(nn.Linear(3, 2), tmp_path / "x.safetensors", metadata={"init": "random", "seed": "0"})
