@@ -59,12 +59,6 @@ def build_trunk(init: str, imagenet_weights: str, seed: int) -> nn.Module:
 
 
 def save_trunk(net: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write the trunk's state dict as safetensors, atomically. At most one metadata key: safetensors
-    keeps the metadata in a hash map, so two or more keys come out in a different order from one process
-    to the next, and the file's bytes (its hash in dvc.lock) would change between identical runs."""
-    if metadata is not None and len(metadata) > 1:
-        raise ValueError(f"save_trunk takes at most one metadata key (got {sorted(metadata)}): "
-                         "more would make the file's bytes differ between runs")  # fmt: skip
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
