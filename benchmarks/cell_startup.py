@@ -38,11 +38,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    print(f"{'imports':22s} {'median s':>9s}   (of {args.repeats} runs)")
+    print(f"{'imports':26s} {'median s':>9s}   (of {args.repeats} runs)")
     for name, code in IMPORTS.items():
         seconds(code)  # warm the page cache
         runs = [seconds(code) for _ in range(args.repeats)]
-        print(f"{name:22s} {statistics.median(runs):9.2f}   {' '.join(f'{r:.2f}' for r in runs)}")
+        print(f"{name:26s} {statistics.median(runs):9.2f}   {' '.join(f'{r:.2f}' for r in runs)}")
 
 
 if __name__ == "__main__":
