@@ -1,6 +1,12 @@
 """mflag.resnet.ResNet50 against torchvision's resnet50 (the independent reference): same names, shapes,
 seeded init to the bit, same forward pass, and torchvision state dicts load into it."""
 
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torchvision
@@ -52,16 +58,9 @@ def test_torchvision_state_dict_with_classifier_loads_through_the_imagenet_path(
     assert torch.equal(net.state_dict()["conv1.weight"], full.state_dict()["conv1.weight"])
 
 
-
 def test_init_random_writes_the_same_bytes_in_every_process(tmp_path):
     # dvc.lock records the encoder file's md5, so two runs must write the same bytes. (safetensors writes
     # two or more metadata keys in a different order per process; the stage writes one.)
-    import hashlib
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
     repo = Path(__file__).resolve().parents[1]
     shutil.copy(repo / "params.yaml", tmp_path / "params.yaml")
     digests = set()
