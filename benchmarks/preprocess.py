@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mflag.data import READERS
+from mflag.data import reader
 from mflag.data.cache import build_cache
 from mflag.data.split import read_split_csv
 from mflag.params import DATASETS, load
@@ -33,7 +33,7 @@ def main() -> None:
         split = read_split_csv(Path("data/splits") / f"{ds}.csv")
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            table = READERS[ds](root)
+            table = reader(ds)(root)
             summary = build_cache(
                 table, split, root, Path(tmp) / "cache", params.data.image_size, workers,
                 params.data.max_skip_fraction, ds, Path(tmp) / "quality.json",

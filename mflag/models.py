@@ -58,12 +58,17 @@ def build_trunk(init: str, imagenet_weights: str, seed: int) -> nn.Module:
         return resnet50_trunk()
 
 
-def save_trunk(net: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_trunk(net: nn.Module, path: str | Path, init: str) -> None:
+    """The trunk's weights as safetensors, atomically, with one metadata entry {"init": init}.
+
+    One entry, not a free dict: safetensors writes several metadata keys in an order that changes from
+    process to process, and the file's bytes (its DVC hash) would change between identical runs.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(tmp), metadata=metadata or {})
+    save_file(state, str(tmp), metadata={"init": init})
     tmp.replace(path)
 
 

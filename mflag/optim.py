@@ -22,8 +22,7 @@ class AdamW:
         if not self.params:
             raise ValueError("AdamW got an empty parameter list")
         self.lr, self.weight_decay, self.betas, self.eps = float(lr), float(weight_decay), betas, float(eps)
-        self.state: dict[torch.nn.Parameter, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.steps: dict[torch.nn.Parameter, int] = {}
+        self.state: dict[torch.nn.Parameter, list] = {}  # p -> [step, exp_avg, exp_avg_sq]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -41,12 +40,11 @@ class AdamW:
             if p.grad is None:
                 continue
             if p not in self.state:
-                self.state[p] = (torch.zeros_like(p, memory_format=torch.preserve_format),
-                                 torch.zeros_like(p, memory_format=torch.preserve_format))  # fmt: skip
-                self.steps[p] = 0
-            exp_avg, exp_avg_sq = self.state[p]
-            self.steps[p] += 1
-            step = float(self.steps[p])
+                self.state[p] = [0, torch.zeros_like(p, memory_format=torch.preserve_format),
+                                 torch.zeros_like(p, memory_format=torch.preserve_format)]  # fmt: skip
+            record = self.state[p]
+            record[0] += 1
+            step, exp_avg, exp_avg_sq = float(record[0]), record[1], record[2]
             grad = p.grad
             p.mul_(1 - self.lr * self.weight_decay)
             exp_avg.lerp_(grad, 1 - beta1)

@@ -13,7 +13,7 @@ from mflag.params import load_or_exit
 def main() -> None:
     params = load_or_exit()
     trunk = build_trunk("random", "", params.seed)
-    save_trunk(trunk, "models/random/vision_encoder.safetensors", metadata={"init": f"random, seed {params.seed}"})
+    save_trunk(trunk, "models/random/vision_encoder.safetensors", init=f"random, seed {params.seed}")
     print(f"init_random: ResNet-50 trunk from seed {params.seed}")
 
 

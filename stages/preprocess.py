@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mflag.data import READERS, DataError
+from mflag.data import reader
 from mflag.data.cache import build_cache
 from mflag.data.split import read_split_csv
-from mflag.data.table import read_dropped_csv
+from mflag.data.table import DataError, read_dropped_csv
 from mflag.params import DATASETS, load_or_exit
 
 
@@ -17,7 +17,7 @@ def main(dataset: str) -> None:
     root = Path(getattr(params.data, dataset).root)
     splits = Path("data/splits")
     try:
-        table = READERS[dataset](root)
+        table = reader(dataset)(root)
         summary = build_cache(
             table,
             read_split_csv(splits / f"{dataset}.csv"),

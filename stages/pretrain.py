@@ -95,7 +95,7 @@ def main() -> None:
             "params_total": trainable + frozen, "params_trainable": trainable, "params_frozen": frozen,
             "trainable_share": trainable / (trainable + frozen), "parameter_reduction": frozen / (trainable + frozen),
         }  # fmt: skip
-        save_trunk(model.encoder, MODELS / "vision_encoder.safetensors", metadata={"init": "mflag"})
+        save_trunk(model.encoder, MODELS / "vision_encoder.safetensors", init="mflag")
         buf = io.BytesIO()
         torch.save({"model": model.state_dict(), "history": history, "params": run_params}, buf)
         atomic_write(MODELS / "checkpoint.pt", buf.getvalue())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mflag.data import LABEL_COLUMNS, READERS, DataError
+from mflag.data import LABEL_COLUMNS, reader
 from mflag.data.split import SplitSpec, assign_splits, write_split_csv
-from mflag.data.table import write_dropped_csv
+from mflag.data.table import DataError, write_dropped_csv
 from mflag.params import DATASETS, load_or_exit
 
 
@@ -15,7 +15,7 @@ def main(dataset: str) -> None:
     params = load_or_exit()
     cfg = getattr(params.data, dataset)
     try:
-        table = READERS[dataset](Path(cfg.root))
+        table = reader(dataset)(Path(cfg.root))
         spec = SplitSpec(cfg.valid_fraction, cfg.test_fraction, label_columns=LABEL_COLUMNS[dataset])
         split, dropped = assign_splits(table.rows, spec, params.seed)
     except DataError as err:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mflag.data import DataError, read_chexpert
+from mflag.data.chexpert import read_chexpert
+from mflag.data.table import DataError
 
 HEADER = (
     "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mflag.data import DataError, read_covidx
+from mflag.data.covidx import read_covidx
+from mflag.data.table import DataError
 
 TRAIN = (
     "3 SARS-10.1148rg.242035193-g04mr34g0-Fig8a-day0.jpeg pneumonia cohen\n"

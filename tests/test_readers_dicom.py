@@ -12,7 +12,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
-from mflag.data import DataError, read_dicom_uint8, read_image_uint8
+from mflag.data.dicom import read_dicom_uint8
+from mflag.data.images import read_image_uint8
+from mflag.data.table import DataError
 
 
 def _dataset(

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mflag.data import DataError, read_mimic, report_text, section_report
+from mflag.data.mimic import read_mimic, report_text, section_report
+from mflag.data.table import DataError
 
 TWO_SECTIONS = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mflag.data import DataError, read_objcxr
+from mflag.data.objcxr import read_objcxr
+from mflag.data.table import DataError
 from mflag.data.objcxr import parse_annotation
 
 TRAIN = (

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mflag.data import DataError, read_rsna
+from mflag.data.rsna import read_rsna
+from mflag.data.table import DataError
 
 LABELS = """patientId,x,y,width,height,Target
 0004cfab-14fd-4e49-80ba-63a80b6bddd6,,,,,0

@@ -10,7 +10,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from mflag.data import DataError, decode_masks, read_siim, rle_decode, rle_encode
+from mflag.data.siim import decode_masks, read_siim, rle_decode
+from mflag.data.table import DataError
+from mflag.rle import rle_encode
 
 
 def _reference_decode(rle: str, height: int, width: int) -> np.ndarray:

@@ -1,14 +1,14 @@
-"""Readers for the on-disk layouts of the six chest X-ray datasets, and image decoding."""
+"""Readers for the on-disk layouts of the six chest X-ray datasets, and image decoding.
 
-from .chexpert import read_chexpert
-from .covidx import read_covidx
-from .dicom import read_dicom_uint8
-from .images import read_image_uint8
-from .mimic import report_text, read_mimic, section_report
-from .objcxr import read_objcxr
-from .rsna import read_rsna
-from .siim import decode_masks, read_siim, rle_decode, rle_encode
-from .table import DataError, DatasetTable
+Each dataset's reader lives in its own module, ``mflag.data.<dataset>.read_<dataset>``, and this package
+imports none of them: a stage imports only the reader it runs, so its DVC deps (``mflag/data/${key}.py``)
+name exactly the code it executes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
 
 # The split file's label columns per dataset (CONTRACTS.md), used to stratify the nested fractions.
 LABEL_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -20,31 +20,9 @@ LABEL_COLUMNS: dict[str, tuple[str, ...]] = {
     "objcxr": ("target",),
 }
 
-READERS = {
-    "mimic": read_mimic,
-    "chexpert": read_chexpert,
-    "rsna": read_rsna,
-    "siim": read_siim,
-    "covidx": read_covidx,
-    "objcxr": read_objcxr,
-}
 
-__all__ = [
-    "LABEL_COLUMNS",
-    "READERS",
-    "DataError",
-    "DatasetTable",
-    "decode_masks",
-    "read_chexpert",
-    "read_covidx",
-    "read_dicom_uint8",
-    "read_image_uint8",
-    "read_mimic",
-    "read_objcxr",
-    "read_rsna",
-    "read_siim",
-    "report_text",
-    "rle_decode",
-    "rle_encode",
-    "section_report",
-]
+def reader(dataset: str) -> Callable:
+    """The reader of a dataset key, ``mflag.data.<dataset>.read_<dataset>`` (a DatasetTable from a root)."""
+    if dataset not in LABEL_COLUMNS:
+        raise KeyError(f"unknown dataset {dataset!r}; one of {', '.join(LABEL_COLUMNS)}")
+    return getattr(importlib.import_module(f"{__name__}.{dataset}"), f"read_{dataset}")

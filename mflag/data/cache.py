@@ -27,7 +27,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from mflag.data.images import read_image_uint8
-from mflag.data.siim import decode_masks
 from mflag.data.split import SPLIT_COLUMNS, write_split_csv
 from mflag.data.table import DataError, DatasetTable
 
@@ -107,6 +106,10 @@ def _process(task: tuple, root: Path, size: int, dataset: str):
         if dataset == "rsna":
             mask = fill_boxes(cache_boxes, size)
         elif dataset == "siim":
+            # Imported here, not at the top: only preprocess@siim runs the SIIM code, and only its deps
+            # name mflag/data/siim.py (tests/test_stage_deps.py checks imports against the deps).
+            from mflag.data.siim import decode_masks
+
             # Decode at the original geometry, then resize like the image (nearest keeps 0/1).
             mask = fit_square(decode_masks(list(rles), *img.shape), size, nearest=True)[0]
     except (DataError, OSError) as e:

@@ -15,8 +15,6 @@ from typing import Iterable
 
 import numpy as np
 
-from mflag.rle import rle_encode  # noqa: F401  (re-exported: the stage-1 encoder)
-
 from .table import (
     BAD_LABEL,
     MISSING_FILE,
