@@ -81,7 +81,8 @@ def test_dvc_stage_lists_every_cell_with_its_own_deps():
     do = stage["do"]
     # a cell reads its own dataset's cache and its own task's params, nothing wider
     assert "data/cache/${item.dataset}" in do["deps"] and "data/cache" not in do["deps"]
-    # every library module a cell imports from outside mflag/finetune
+    # some of the library modules a cell imports from outside mflag/finetune (tests/test_stage_deps.py
+    # checks all of them against what the cell actually loads)
     assert {"mflag/models.py", "mflag/resnet.py", "mflag/optim.py", "mflag/augment.py"} <= set(do["deps"])
     assert do["params"] == ["seed", "finetune.device", "finetune.precision", "finetune.${item.task}"]
     # a random-init cell must not depend on pretraining: its encoder path is templated on the init

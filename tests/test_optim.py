@@ -24,11 +24,9 @@ def test_adamw_matches_torch_bit_for_bit(lr, weight_decay, betas):
         x, y = torch.randn(16, 7, generator=gen), torch.randn(16, 3, generator=gen)
         for model, o in ((ours, opt), (ref, opt_ref)):
             o.zero_grad(set_to_none=True)
+            model[0].weight.requires_grad_(step % 7 != 3)  # some steps: the first layer gets no gradient at all
             loss = (model(x) - y).pow(2).mean()
-            if step % 7 == 3:  # a step where the first layer gets no gradient at all
-                model[0].weight.requires_grad_(False)
-                loss = (model(x) - y).pow(2).mean()
-                model[0].weight.requires_grad_(True)
+            model[0].weight.requires_grad_(True)
             loss.backward()
             o.step()
         for a, b in zip(ours.parameters(), ref.parameters()):
