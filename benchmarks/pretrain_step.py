@@ -80,17 +80,19 @@ def bench_device(args, device: torch.device, images_u8: np.ndarray) -> dict:
     batches = [np.random.default_rng(i).choice(n, args.batch, replace=False) for i in range(total)]
     gen = torch.Generator().manual_seed(0)
 
-    # (a) the pipeline: reader thread -> device -> batched augmentation -> step
-    def run_a():
-        for img_u8, txt in batch_stream(data, batches, args.workers, pin=device.type == "cuda"):
+    # (a) the pipeline: reader thread -> device -> batched augmentation -> step (timed after the warm-up
+    # batches, like (b) and (c): the first steps pay for CUDA's and cuDNN's start-up)
+    def run_a(rows):
+        for img_u8, txt in batch_stream(data, rows, args.workers, pin=device.type == "cuda"):
             img = augment_batch(img_u8.to(device, non_blocking=True), cfg.augment, gen)
             train_step(model, opt, scaler, img.contiguous(memory_format=torch.channels_last), txt.to(device), cfg, dtype)
 
+    run_a(batches[: args.warmup])
     _sync(device)
     t0 = time.perf_counter()
-    run_a()
+    run_a(batches[args.warmup :])
     _sync(device)
-    a = args.batch * total / (time.perf_counter() - t0)
+    a = args.batch * args.steps / (time.perf_counter() - t0)
 
     # (b) compute bound: fixed batch already on the device
     img = augment_batch(torch.from_numpy(np.array(images_u8[: args.batch])).to(device), cfg.augment, gen)
@@ -120,7 +122,7 @@ def bench_reference(args, device: torch.device, images_u8: np.ndarray, dtype) ->
 
     from mflag.text import DEFAULT_LM, resolve_lm_path
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_lm_path(DEFAULT_LM))  # the BERT uncased vocabulary
+    tokenizer = AutoTokenizer.from_pretrained(resolve_lm_path(args.tokenizer or DEFAULT_LM))  # BERT uncased vocab
     config = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                         intermediate_size=3072, max_position_embeddings=512)  # CXR-BERT-general's shape
     lm = BertModel(config).to(device).eval().requires_grad_(False)
@@ -170,6 +172,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2, help="reader threads (a) / DataLoader workers (c)")
     ap.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on CPU too")
+    ap.add_argument("--tokenizer", help="folder with a BERT-uncased tokenizer for (c) (default: the shipped LM's)")
     args = ap.parse_args()
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     n = args.images or 4 * args.batch

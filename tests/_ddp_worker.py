@@ -1,5 +1,11 @@
-"""Run by torchrun in tests/test_pretrain.py: one DDP training step of a tiny model, rank 0 saves it."""
+"""Run by torchrun in tests/test_pretrain.py: one DDP training step of a tiny model, rank 0 saves it.
 
+argv: OUT_DIR [cpu|cuda].  On CUDA with fewer GPUs than ranks (a one-GPU machine) every rank uses cuda:0
+and the gradients are averaged over gloo, which takes CUDA tensors; with a GPU per rank it is NCCL, as
+the pipeline runs.
+"""
+
+import os
 import sys
 
 import torch
@@ -8,7 +14,13 @@ from mflag import distributed
 from mflag.pretrain import train
 from tests.test_pretrain import ddp_case, tiny_model
 
-env = distributed.init("cpu")
+kind = sys.argv[2] if len(sys.argv) > 2 else "cpu"
+if kind == "cuda":
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if torch.cuda.device_count() < int(os.environ["WORLD_SIZE"]):
+        os.environ["LOCAL_RANK"] = "0"
+        torch.distributed.init_process_group("gloo")  # distributed.init() keeps a group already joined
+env = distributed.init(kind)
 torch.set_num_threads(1)
 model = tiny_model()
 cfg, data = ddp_case()

@@ -126,27 +126,33 @@ def test_ortho_weight_is_applied(tmp_path):
     assert measured[5.0] < 0.5 * measured[0.0]
 
 
-def test_ddp_step_equals_the_average_of_per_rank_losses(tmp_path):
-    """2 gloo processes under torchrun == one process averaging the two ranks' per-half losses."""
+@pytest.mark.parametrize(
+    "kind", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+)
+def test_ddp_step_equals_the_average_of_per_rank_losses(tmp_path, kind):
+    """2 processes under torchrun == one process averaging the two ranks' per-half losses (fp32)."""
     cfg, data = ddp_case()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "tests" / "_ddp_worker.py"), str(tmp_path)],
+         str(REPO / "tests" / "_ddp_worker.py"), str(tmp_path), kind],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp_state = torch.load(tmp_path / "ddp_state.pt")
+    ddp_state = torch.load(tmp_path / "ddp_state.pt", map_location="cpu")
+    device = torch.device(kind)
+    if kind == "cuda":  # the worker's setting: full fp32 matmuls and convolutions
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     # reference: one process, batch norm and the orthogonality term per half, gradients averaged
-    model = tiny_model()
+    model = tiny_model().to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
     losses = []
     for rank in (0, 1):
         rows = epoch_batches(data, cfg, 0, DistEnv(rank, 2, rank, torch.device("cpu")))[0]
         gen = torch.Generator().manual_seed(_seed(cfg.seed, "augment", rank, 0))
-        images = augment_batch(torch.from_numpy(data.images[rows]), cfg.augment, gen)
-        losses.append(compute_losses(model, images, torch.from_numpy(data.text_emb[rows]), cfg)["total"])
+        images = augment_batch(torch.from_numpy(data.images[rows]).to(device), cfg.augment, gen)
+        losses.append(compute_losses(model, images, torch.from_numpy(data.text_emb[rows]).to(device), cfg)["total"])
     ((losses[0] + losses[1]) / 2).backward()
     # A bias right before a batch norm has a true gradient of 0; Adam's first step turns its rounding
     # noise (1e-8 to 1e-5 here) into a full +-lr step of either sign, so those are left out of the comparison.
@@ -155,7 +161,7 @@ def test_ddp_step_equals_the_average_of_per_rank_losses(tmp_path):
     compared = 0
     for name, p in model.named_parameters():
         if name not in noise_only:
-            torch.testing.assert_close(ddp_state[name], p.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ddp_state[name], p.detach().cpu(), rtol=1e-5, atol=1e-6)
             compared += 1
     assert compared >= 12 and noise_only <= {n for n in ddp_state if n.endswith(".bias")}
     assert set(ddp_state) == set(model.state_dict())
