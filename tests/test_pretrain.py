@@ -129,7 +129,7 @@ def test_ortho_weight_is_applied(tmp_path):
 @pytest.mark.parametrize(
     "kind", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 )
-def test_ddp_step_equals_the_average_of_per_rank_losses(tmp_path, kind):
+def test_ddp_step_equals_the_average_of_per_rank_losses(tmp_path, kind, monkeypatch):
     """2 processes under torchrun == one process averaging the two ranks' per-half losses (fp32)."""
     cfg, data = ddp_case()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -141,8 +141,9 @@ def test_ddp_step_equals_the_average_of_per_rank_losses(tmp_path, kind):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp_state = torch.load(tmp_path / "ddp_state.pt", map_location="cpu")
     device = torch.device(kind)
-    if kind == "cuda":  # the worker's setting: full fp32 matmuls and convolutions
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if kind == "cuda":  # the worker's setting: full fp32 matmuls and convolutions (restored afterwards)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     # reference: one process, batch norm and the orthogonality term per half, gradients averaged
     model = tiny_model().to(device)
     model.train()
