@@ -99,7 +99,9 @@ def main() -> None:
         buf = io.BytesIO()
         torch.save({"model": model.state_dict(), "history": history, "params": run_params}, buf)
         atomic_write(MODELS / "checkpoint.pt", buf.getvalue())
-        write_json(MODELS / "run.json", {"params": to_dict(params), "text_model": meta})
+        # only the params this run reads (as dvc.yaml declares them, plus model.text through the
+        # embeddings): with all of params.yaml, an unrelated edit would change this output on the next run
+        write_json(MODELS / "run.json", {"params": run_params, "text_model": meta})
         write_json(REPORTS / "metrics.json", report)
         atomic_write(REPORTS / "losses.csv", _csv([{k: r[k] for k in ("step", "epoch", "align", "ortho", "total", "lr")} for r in history["step"]]))
         atomic_write(REPORTS / "spectrum.csv", _csv([{"index": i, "singular_value": float(s)} for i, s in enumerate(spectrum)]))

@@ -59,4 +59,10 @@ def test_pretrain_outputs(pretrained):
     assert (np.diff(spectrum["singular_value"]) <= 1e-9).all()
     run = json.loads((pretrained / "models/mflag/run.json").read_text())
     assert run["params"]["loss"]["ortho_weight"] == 1.0
+    # run.json holds only params the stage reads: those dvc.yaml declares for it (model.text reaches it
+    # through the embeddings), so a change elsewhere in params.yaml cannot change this output
+    declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["pretrain"]["params"]
+    top = {k.split(".")[0] for k in declared}
+    assert set(run["params"]) - {"world_size"} <= top and {"seed", "loss", "pretrain"} <= set(run["params"])
+    assert set(run["params"]["model"]) >= {"vision", "proj_dim"}
     assert not (pretrained / ".resume/pretrain.pt").exists()  # removed once the run finished
