@@ -4,7 +4,8 @@ Every one of the 42 cells is its own process, so this start-up is paid 42 times 
 Run:  python benchmarks/cell_startup.py [--repeats N]
 Each figure is the median wall time of N fresh interpreters running only the imports (the first,
 cold-cache run is discarded). `torch` alone is the floor; torchvision is shown for comparison (the
-cells no longer import it, except segmentation through segmentation-models-pytorch).
+cells do not import it; segmentation cells used to, through segmentation-models-pytorch, until the
+U-Net was written out in mflag/finetune/unet.py).
 """
 
 from __future__ import annotations

@@ -16,6 +16,18 @@ from mflag.params import Params
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module: on a shared 2-core machine two OpenMP threads that spin-wait
+    for each other run small convolutions several times slower. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 # A corpus small enough to build in a couple of seconds, with every finding and file variant present.
 TINY_SYNTHETIC = {
     "workers": 2,

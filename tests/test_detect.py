@@ -29,14 +29,7 @@ THRESHOLDS = tuple(np.round(np.arange(0.40, 0.7501, 0.05), 2))
 SMALL = (16, 32, 64)  # narrow neck widths for the training tests (YOLOv3's 128/256/512 are tested for shape)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread here: on a shared 2-core machine, two OpenMP threads that spin-wait for each
-    other run these small convolutions several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cfg_with(**kw) -> DetectConfig:

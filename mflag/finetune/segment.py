@@ -1,6 +1,7 @@
 """The shared segmenter (MGCA protocol): a U-Net on a frozen ResNet-50 encoder, for `seg_siim` and `seg_rsna`.
 
-Model: segmentation-models-pytorch ``Unet("resnet50", classes=1)``; its encoder is loaded strictly from a
+Model: MGCA's segmentation-models-pytorch ``Unet("resnet50", classes=1)``, as :class:`mflag.finetune.unet.Unet`
+(the same architecture, names and initialisation, without smp's import cost); its encoder is loaded strictly from a
 pretrained trunk (torchvision ResNet-50 key names, ``fc`` removed) and frozen: ``requires_grad_(False)``
 and kept in ``eval()`` (batch-norm statistics never move). Only the decoder and the head train.
 
@@ -23,11 +24,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import segmentation_models_pytorch as smp
 import torch
 import torch.nn as nn
 import torch.nn.functional as nnf
 
+from mflag.finetune.unet import Unet
 from mflag.optim import AdamW
 
 __all__ = [
@@ -97,7 +98,7 @@ def build_unet(trunk_state: dict[str, torch.Tensor], decoder_channels: tuple[int
     ignored: the encoder has no classifier). Any other missing / unexpected key or shape mismatch raises.
     The decoder and head are initialised from the global RNG (seed it around the call).
     """
-    model = smp.Unet(encoder_name="resnet50", encoder_weights=None, classes=1, decoder_channels=tuple(decoder_channels))
+    model = Unet(tuple(decoder_channels))
     enc = model.encoder
     state = {k: v for k, v in trunk_state.items() if not k.startswith("fc.")}
     want = enc.state_dict()
@@ -106,14 +107,11 @@ def build_unet(trunk_state: dict[str, torch.Tensor], decoder_channels: tuple[int
     bad_shape = sorted(k for k in set(want) & set(state) if tuple(want[k].shape) != tuple(state[k].shape))
     if missing or unexpected or bad_shape:
         raise ValueError(
-            f"trunk state does not match smp's ResNet-50 encoder: {len(missing)} missing {missing[:4]}, "
+            f"trunk state does not match the U-Net's ResNet-50 encoder: {len(missing)} missing {missing[:4]}, "
             f"{len(unexpected)} unexpected {unexpected[:4]}, {len(bad_shape)} with another shape {bad_shape[:4]}"
         )
-    # nn.Module's own strict load (smp's override drops the result and pops keys from its argument).
-    nn.Module.load_state_dict(enc, state, strict=True)
-    enc.requires_grad_(False)
-    model.freeze_encoder()  # model.train() now skips the encoder
-    enc.eval()
+    enc.load_state_dict(state, strict=True)
+    model.freeze_encoder()  # no gradients, and model.train() now leaves the encoder in eval mode
     return model
 
 
@@ -229,7 +227,7 @@ def _encode(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The frozen encoder's features of every image (bf16 under bf16) and the resized masks.
 
-    Level 0 (the input itself, which smp's decoder reads only for its shape) is kept as a 0-channel tensor.
+    Level 0 (the input itself, which the decoder reads only for its shape) is kept as a 0-channel tensor.
     """
     model.encoder.eval()
     amp = cfg.precision == "bf16"
