@@ -28,6 +28,7 @@ def one_torch_thread():
     yield
     torch.set_num_threads(before)
 
+
 # A corpus small enough to build in a couple of seconds, with every finding and file variant present.
 TINY_SYNTHETIC = {
     "workers": 2,

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as nnf
 
-from mflag.finetune.unet import Unet
+from mflag.finetune.unet import DECODER_CHANNELS, Unet
 from mflag.optim import AdamW
 
 __all__ = [
@@ -48,7 +48,6 @@ FOCAL_WEIGHT = 10.0  # MGCA MixedLoss(alpha=10)
 FOCAL_GAMMA = 2.0
 DICE_SMOOTH = 1.0
 THRESHOLD = 0.5
-DECODER_CHANNELS = (256, 128, 64, 32, 16)  # smp's Unet default, as MGCA used it
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as nnf
 
-from mflag.resnet import ResNet50
+from mflag.resnet import EXPANSION, STAGES, ResNet50
 
-ENCODER_CHANNELS = (3, 64, 256, 512, 1024, 2048)  # the six levels' channels (level 0 is the input)
+# the six levels' channels: the input (3), the stem (64), layer1..layer4 (256 ... 2048)
+ENCODER_CHANNELS = (3, 64) + tuple(width * EXPANSION for width, _, _ in STAGES)
+DECODER_CHANNELS = (256, 128, 64, 32, 16)  # smp's Unet default, as MGCA used it
 
 
 class ResNet50Levels(ResNet50):
@@ -91,7 +93,7 @@ class Unet(nn.Module):
     eval mode through later ``train()`` calls (batch-norm statistics never move).
     """
 
-    def __init__(self, decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)):
+    def __init__(self, decoder_channels: tuple[int, ...] = DECODER_CHANNELS):
         super().__init__()
         self.encoder = ResNet50Levels()
         del self.encoder.avgpool, self.encoder.fc  # parameter-free; the levels never reach them
