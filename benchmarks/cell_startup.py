@@ -20,9 +20,11 @@ IMPORTS = {
     "python only": "pass",
     "torch": "import torch",
     "torch + torchvision": "import torch, torchvision",
-    "classification cell": "import stages.finetune, mflag.finetune.classify, dvclive",
-    "detection cell": "import stages.finetune, mflag.finetune.detect, dvclive",
-    "segmentation cell": "import stages.finetune, mflag.finetune.segment, dvclive",
+    "classification cell": "import stages.finetune, mflag.finetune.classify",
+    "detection cell": "import stages.finetune, mflag.finetune.detect",
+    "segmentation cell": "import stages.finetune, mflag.finetune.segment",
+    # what the cells no longer pay: DVCLive opens the DVC repository when it starts (mflag.live writes its files)
+    "dvclive.Live()": "import dvclive; dvclive.Live('/tmp/cell_startup_live', dvcyaml=False, save_dvc_exp=False)",
     # torch.optim loads torch._dynamo when an optimizer is built; the cells use mflag.optim instead
     "torch + torch.optim.AdamW": "import torch; torch.optim.AdamW(torch.nn.Linear(2, 1).parameters())",
     "torch + mflag.optim.AdamW": "import torch, mflag.optim; mflag.optim.AdamW(torch.nn.Linear(2, 1).parameters(), 1e-3)",

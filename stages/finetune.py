@@ -19,6 +19,7 @@ from mflag.config import to_dict
 from mflag.distributed import resolve_device
 from mflag.finetune.data import JOBS, load_task_data
 from mflag.io import write_json
+from mflag.live import StepLog
 from mflag.models import load_trunk
 from mflag.params import load_or_exit
 
@@ -56,9 +57,7 @@ def main(job: str, pct: int, init: str) -> None:
     out = Path("reports/finetune") / cell
     seed = params.seed
     log_rows: list[dict] = []
-    from dvclive import Live
-
-    live = Live(str(out / "live"), dvcyaml=False, save_dvc_exp=False)
+    live = StepLog(out / "live")
 
     def log(rec: dict) -> None:
         for k, v in rec.items():

@@ -20,6 +20,7 @@ from mflag import distributed
 from mflag.augment import AugmentSpec
 from mflag.config import to_dict
 from mflag.io import atomic_write, write_json
+from mflag.live import StepLog
 from mflag.models import MFLAG, VisionInitError, build_trunk, count_parameters, save_trunk
 from mflag.params import load_or_exit
 from mflag.pretrain import TrainConfig, evaluate, load_data, train
@@ -74,9 +75,7 @@ def main() -> None:
     data = load_data(CACHE, EMBEDDINGS)
     live = None
     if env.is_main:
-        from dvclive import Live
-
-        live = Live(str(REPORTS / "live"), dvcyaml=False, save_dvc_exp=False)
+        live = StepLog(REPORTS / "live")
 
     def log(rec: dict) -> None:
         live.step = rec["step"]
