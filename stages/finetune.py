@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file
 
+import mflag
 from mflag.config import to_dict
 from mflag.distributed import resolve_device
 from mflag.finetune.data import JOBS, load_task_data
+from mflag.finetune.memo import FileMemo
 from mflag.io import write_json
 from mflag.live import StepLog
 from mflag.models import load_trunk
@@ -26,6 +28,24 @@ from mflag.params import load_or_exit
 INITS = ("mflag", "random", "imagenet")
 # Timings are printed, never written: they would make the outputs (and dvc.lock) differ between identical runs.
 TIMING = ("seconds", "feature_seconds", "train_images_per_second")
+# Frozen-encoder features shared between the cells of a job (outside DVC: a cache, never a result).
+FEATURES = Path(".cache/features")
+# The code that computes them: a change to any of these files gives new keys.
+_LIB = Path(mflag.__file__).parent
+FEATURE_CODE = (_LIB / "models.py", _LIB / "resnet.py", *sorted((_LIB / "finetune").glob("*.py")))
+
+
+def _feature_key(settings: str, encoder: Path, dataset: str) -> str:
+    """16 hex digits of a hash of everything the stored features depend on: the settings string, the
+    encoder's weights, the dataset's cache (images, masks, rows), the feature code and the torch version."""
+    import torch
+
+    h = hashlib.sha256(f"{settings}/torch {torch.__version__}".encode())
+    cache = Path("data/cache") / dataset
+    for path in (encoder, *sorted(p for p in cache.iterdir() if p.is_file()), *FEATURE_CODE):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _encoder_path(init: str) -> Path:
@@ -79,11 +99,8 @@ def main(job: str, pct: int, init: str) -> None:
         features = None
         if not c.augment:
             # frozen encoder, deterministic crops: the three fractions share one feature file
-            h = hashlib.sha256(f"{dataset}/{c.crop}/{c.upsample}/{ft.precision}".encode())
-            for path in (encoder, Path("data/cache") / dataset / "images.npy"):
-                h.update(path.read_bytes())
-            key = h.hexdigest()[:16]
-            cache = Path(".cache/features") / f"{dataset}-{init}-{key}.npy"
+            key = _feature_key(f"{dataset}/{c.crop}/{c.upsample}/{c.eval_batch_size}/{ft.precision}", encoder, dataset)
+            cache = FEATURES / f"{dataset}-{init}-{key}.npy"
             if cache.is_file():
                 features = np.load(cache)
             else:
@@ -103,8 +120,12 @@ def main(job: str, pct: int, init: str) -> None:
             patience=c.patience, input_size=c.input_size, augment=c.augment, balance=c.balance and dataset == "siim",
             eval_batch_size=c.eval_batch_size, precision=ft.precision, decoder_channels=tuple(c.decoder_channels),
         )  # fmt: skip
+        memo = None
+        if not c.augment:  # the valid and test features, shared by the job's three fractions
+            key = _feature_key(f"{job}/{cfg.input_size}/{cfg.eval_batch_size}/{ft.precision}", encoder, dataset)
+            memo = FileMemo(FEATURES, f"{job}-{init}-{key}", device, replaces=f"{job}-{init}-*")
         result = train_segmenter(load_file(str(encoder)), data.images, data.masks, data.train_rows, data.valid_rows,
-                                 data.test_rows, cfg, device, seed, log=log)  # fmt: skip
+                                 data.test_rows, cfg, device, seed, log=log, memo=memo)  # fmt: skip
         task_params = to_dict(c)
     else:
         from mflag.finetune.detect import DetectConfig, train_detector
@@ -117,8 +138,10 @@ def main(job: str, pct: int, init: str) -> None:
             iou_thresholds=tuple(c.iou_thresholds), drop_empty_test=c.drop_empty_test,
             eval_batch_size=c.eval_batch_size, precision=ft.precision,
         )  # fmt: skip
+        key = _feature_key(f"{job}/{cfg.input_size}/{cfg.eval_batch_size}/{ft.precision}", encoder, dataset)
         result = train_detector(load_file(str(encoder)), data.images, data.boxes, data.train_rows, data.valid_rows,
-                                data.test_rows, cfg, device, seed, log=log, widths=tuple(c.neck_widths))  # fmt: skip
+                                data.test_rows, cfg, device, seed, log=log, widths=tuple(c.neck_widths),
+                                memo=FileMemo(FEATURES, f"{job}-{init}-{key}", device, replaces=f"{job}-{init}-*"))  # fmt: skip
         task_params = to_dict(c)
     live.end()
     timing = {k: result.pop(k) for k in TIMING if k in result}

@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mflag.models import resnet50_trunk
+from mflag.finetune.memo import FeatureMemo, no_memo
 from mflag.optim import AdamW
 
 STRIDES = (8, 16, 32)
@@ -494,6 +495,7 @@ def train_detector(
     log: Callable[[dict], None] | None = None,
     return_model: bool = False,
     widths: Sequence[int] = YOLO_WIDTHS,
+    memo: FeatureMemo | None = None,
 ) -> dict:
     """Train the YOLOv3 neck/head on the frozen trunk and score the test rows.
 
@@ -502,6 +504,8 @@ def train_detector(
     "valid_map", "feature_seconds", "train_images_per_second"} (+ "model", on the CPU, with return_model).
     A trailing batch of a single image is dropped (train-mode batch norm on a 1x1 map cannot take it).
     `widths`: the neck's widths (YOLOv3's by default; tests use narrower ones to stay fast).
+    `memo`: called as ``memo("valid" | "test", compute)``, may return a stored result of ``compute()`` (the
+    frozen trunk's maps of that split, which every fraction of a job shares) instead of calling it.
     """
     device = torch.device(device)
     _autocast_dtype(cfg.precision)
@@ -515,7 +519,8 @@ def train_detector(
 
     t0 = time.perf_counter()
     train_feats = encode_features(model, images_u8, train_rows, cfg, device)
-    valid_feats = encode_features(model, images_u8, valid_rows, cfg, device)
+    memo = memo or no_memo
+    valid_feats = memo("valid", lambda: encode_features(model, images_u8, valid_rows, cfg, device))
     feature_seconds = time.perf_counter() - t0
     train_truths = _scaled_truths(boxes, train_rows, scale)
     valid_truths = _scaled_truths(boxes, valid_rows, scale)
@@ -568,7 +573,7 @@ def train_detector(
     head.load_state_dict(best_state)
     del train_feats, valid_feats
     t1 = time.perf_counter()
-    test_feats = encode_features(model, images_u8, test_rows, cfg, device)
+    test_feats = memo("test", lambda: encode_features(model, images_u8, test_rows, cfg, device))
     feature_seconds += time.perf_counter() - t1
     test_truths = _scaled_truths(boxes, test_rows, scale)
     test_preds = predict_features(head, test_feats, cfg, device)

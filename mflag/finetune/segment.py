@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as nnf
 
 from mflag.finetune.unet import DECODER_CHANNELS, Unet
+from mflag.finetune.memo import FeatureMemo, no_memo
 from mflag.optim import AdamW
 
 __all__ = [
@@ -264,12 +265,15 @@ def train_segmenter(
     device: torch.device | str,
     seed: int,
     log: Callable[[dict], None] | None = None,
+    memo: FeatureMemo | None = None,
 ) -> dict:
     """Fine-tune a U-Net decoder on a frozen encoder; test the epoch with the lowest validation loss.
 
     ``images_u8``, ``masks_u8``: (N, S, S) uint8 cache arrays (masks 0/1), memory-mapped or not; the
     ``*_rows`` index them. Returns ``{"dice", "best_epoch", "epochs_run", "n_train"}`` (epochs count
-    from 1; ``n_train`` after balancing). ``log`` receives one dict per epoch.
+    from 1; ``n_train`` after balancing). ``log`` receives one dict per epoch. ``memo``, called as
+    ``memo("valid" | "test", compute)``, may return a stored result of ``compute()`` (the frozen encoder's
+    features and the resized masks of that split, which every fraction of a job shares) instead of calling it.
     """
     device = torch.device(device)
     train_rows = np.asarray(train_rows, dtype=np.int64)
@@ -302,7 +306,12 @@ def train_segmenter(
 
     # Without augmentation the frozen encoder's input never changes: encode every image once, then train
     # and evaluate the decoder on the stored multi-scale features (the same numbers, minus repeated work).
-    cached = {} if cfg.augment else {name: _encode(model, *data[name], cfg, channels_last) for name in data}
+    memo = memo or no_memo
+    cached = {} if cfg.augment else {
+        name: memo(name, lambda name=name: _encode(model, *data[name], cfg, channels_last)) if name != "train"
+        else _encode(model, *data[name], cfg, channels_last)
+        for name in data
+    }  # fmt: skip
 
     def batch(split: str, idx: torch.Tensor | slice, augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, 1, s, s), masks (B, 1, s, s)) of the rows `idx` of a split."""
