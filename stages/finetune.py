@@ -48,6 +48,13 @@ def _feature_key(settings: str, encoder: Path, dataset: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _split_memo(job: str, init: str, cfg, encoder: Path, dataset: str, device) -> FileMemo:
+    """The store of a segmentation or detection job's valid and test features, shared by its three fractions;
+    a newer key replaces the job and init's older files."""
+    key = _feature_key(f"{job}/{cfg.input_size}/{cfg.eval_batch_size}/{cfg.precision}", encoder, dataset)
+    return FileMemo(FEATURES, f"{job}-{init}-{key}", device, replaces=f"{job}-{init}-*")
+
+
 def _encoder_path(init: str) -> Path:
     path = Path("models") / init / "vision_encoder.safetensors"
     if not path.is_file():
@@ -120,10 +127,7 @@ def main(job: str, pct: int, init: str) -> None:
             patience=c.patience, input_size=c.input_size, augment=c.augment, balance=c.balance and dataset == "siim",
             eval_batch_size=c.eval_batch_size, precision=ft.precision, decoder_channels=tuple(c.decoder_channels),
         )  # fmt: skip
-        memo = None
-        if not c.augment:  # the valid and test features, shared by the job's three fractions
-            key = _feature_key(f"{job}/{cfg.input_size}/{cfg.eval_batch_size}/{ft.precision}", encoder, dataset)
-            memo = FileMemo(FEATURES, f"{job}-{init}-{key}", device, replaces=f"{job}-{init}-*")
+        memo = None if c.augment else _split_memo(job, init, cfg, encoder, dataset, device)
         result = train_segmenter(load_file(str(encoder)), data.images, data.masks, data.train_rows, data.valid_rows,
                                  data.test_rows, cfg, device, seed, log=log, memo=memo)  # fmt: skip
         task_params = to_dict(c)
@@ -138,10 +142,9 @@ def main(job: str, pct: int, init: str) -> None:
             iou_thresholds=tuple(c.iou_thresholds), drop_empty_test=c.drop_empty_test,
             eval_batch_size=c.eval_batch_size, precision=ft.precision,
         )  # fmt: skip
-        key = _feature_key(f"{job}/{cfg.input_size}/{cfg.eval_batch_size}/{ft.precision}", encoder, dataset)
         result = train_detector(load_file(str(encoder)), data.images, data.boxes, data.train_rows, data.valid_rows,
                                 data.test_rows, cfg, device, seed, log=log, widths=tuple(c.neck_widths),
-                                memo=FileMemo(FEATURES, f"{job}-{init}-{key}", device, replaces=f"{job}-{init}-*"))  # fmt: skip
+                                memo=_split_memo(job, init, cfg, encoder, dataset, device))  # fmt: skip
         task_params = to_dict(c)
     live.end()
     timing = {k: result.pop(k) for k in TIMING if k in result}

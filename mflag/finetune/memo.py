@@ -9,11 +9,13 @@ on, and loads it on the next call with the same key.
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from mflag.io import atomic_write
 
 FeatureMemo = Callable[[str, Callable[[], Any]], Any]
 
@@ -25,14 +27,16 @@ def no_memo(split: str, compute: Callable[[], Any]) -> Any:
 class FileMemo:
     """``memo(split, compute)`` backed by ``<folder>/<prefix>-<split>.pt`` (tensors, lists and tuples of them).
 
-    A file is written through a temporary name and an atomic rename, so an interrupted run leaves either
-    a complete file or none. ``prefix`` must change whenever the features would (encoder weights, images,
+    A file is written with :func:`mflag.io.atomic_write`, so an interrupted run leaves either a complete
+    file or none. ``prefix`` must change whenever the features would (encoder weights, images,
     rows, input size, precision, batch size). After writing, files in ``folder`` that match the glob
     ``replaces`` and belong to another prefix are deleted (the features of an encoder that a later run
     replaced); a file deleted under a concurrent reader is computed again, not an error.
     """
 
-    def __init__(self, folder: str | Path, prefix: str, device: torch.device | str = "cpu", replaces: str | None = None):
+    def __init__(
+        self, folder: str | Path, prefix: str, device: torch.device | str = "cpu", replaces: str | None = None
+    ):
         self.folder, self.prefix, self.device, self.replaces = Path(folder), prefix, torch.device(device), replaces
 
     def __call__(self, split: str, compute: Callable[[], Any]) -> Any:
@@ -42,10 +46,9 @@ class FileMemo:
         except FileNotFoundError:
             pass
         value = compute()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(value, tmp)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        atomic_write(path, buf.getvalue())
         if self.replaces:
             for old in self.folder.glob(self.replaces):
                 if not old.name.startswith(f"{self.prefix}-"):

@@ -307,11 +307,14 @@ def train_segmenter(
     # Without augmentation the frozen encoder's input never changes: encode every image once, then train
     # and evaluate the decoder on the stored multi-scale features (the same numbers, minus repeated work).
     memo = memo or no_memo
+
+    def encode(name: str):
+        return _encode(model, *data[name], cfg, channels_last)
+
+    # the train rows depend on the fraction: never stored; valid and test go through the memo
     cached = {} if cfg.augment else {
-        name: memo(name, lambda name=name: _encode(model, *data[name], cfg, channels_last)) if name != "train"
-        else _encode(model, *data[name], cfg, channels_last)
-        for name in data
-    }  # fmt: skip
+        name: (no_memo if name == "train" else memo)(name, lambda n=name: encode(n)) for name in data
+    }
 
     def batch(split: str, idx: torch.Tensor | slice, augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, 1, s, s), masks (B, 1, s, s)) of the rows `idx` of a split."""
