@@ -26,7 +26,7 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -63,6 +63,7 @@ PAPER_REDUCTION = 0.78  # "78% fewer trainable parameters" (abstract)
 REDUCTION_TOLERANCE = 0.02  # fraction points: rounding, and the LM's own size differing slightly
 
 Cells = dict[tuple[str, int, str], float]  # (job, pct, init) -> the job's metric, a fraction
+Spreads = dict[tuple[str, int, str], tuple[float, int]]  # (job, pct, init) -> (SD over seeds, number of seeds)
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,10 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def read_cells(finetune_dir: str | Path) -> Cells:
-    """The metric of every cell present under `finetune_dir` (<job>-<pct>-<init>/metrics.json)."""
-    cells: Cells = {}
-    for job, spec in JOBS.items():
+def _cell_records(finetune_dir: str | Path):
+    """(job, pct, init, path, record) of every cell present under `finetune_dir` (<job>-<pct>-<init>/metrics.json),
+    each checked to be JSON whose job, pct and init match its folder."""
+    for job in JOBS:
         for pct in PCTS:
             for init in INIT_LABELS:
                 path = Path(finetune_dir) / cell_name(job, pct, init) / "metrics.json"
@@ -97,13 +98,36 @@ def read_cells(finetune_dir: str | Path) -> Cells:
                 for key, want in (("job", job), ("pct", pct), ("init", init)):
                     if rec.get(key) != want:
                         raise CollateError(f"{path}: `{key}` is {rec.get(key)!r}, the folder name says {want!r}")
-                value = rec.get(spec.metric)
-                if isinstance(value, float) and math.isnan(value):
-                    continue  # undefined on this test set (e.g. AUC with one class): shown as missing
-                if not _number(value):
-                    raise CollateError(f"{path}: `{spec.metric}` must be a finite number, got {rec.get(spec.metric)!r}")
-                cells[(job, pct, init)] = float(rec[spec.metric])
+                yield job, pct, init, path, rec
+
+
+def read_cells(finetune_dir: str | Path) -> Cells:
+    """The metric of every cell present under `finetune_dir` (<job>-<pct>-<init>/metrics.json)."""
+    cells: Cells = {}
+    for job, pct, init, path, rec in _cell_records(finetune_dir):
+        metric = JOBS[job].metric
+        value = rec.get(metric)
+        if isinstance(value, float) and math.isnan(value):
+            continue  # undefined on this test set (e.g. AUC with one class): shown as missing
+        if not _number(value):
+            raise CollateError(f"{path}: `{metric}` must be a finite number, got {value!r}")
+        cells[(job, pct, init)] = float(value)
     return cells
+
+
+def read_spreads(finetune_dir: str | Path) -> Spreads:
+    """Cells that report a mean over several seeds (``seeds`` and ``<metric>_sd``): their SD and seed count."""
+    spreads: Spreads = {}
+    for job, pct, init, path, rec in _cell_records(finetune_dir):
+        metric = JOBS[job].metric
+        sd, seeds = rec.get(f"{metric}_sd"), rec.get("seeds")
+        if sd is None and seeds is None:
+            continue
+        if not _number(sd) or not isinstance(seeds, list) or len(seeds) < 2:
+            raise CollateError(f"{path}: `{metric}_sd` must be a finite number and `seeds` a list of two or more, "
+                               f"got {sd!r} and {seeds!r}")  # fmt: skip
+        spreads[(job, pct, init)] = (float(sd), len(seeds))
+    return spreads
 
 
 def read_pretrain(path: str | Path) -> dict[str, float]:
@@ -147,11 +171,16 @@ def missing_cells(cells: Cells) -> list[str]:
     return [cell_name(j, p, i) for i in present_inits(cells) for j in JOBS for p in PCTS if (j, p, i) not in cells]
 
 
-def collated_metrics(cells: Cells, pretrain: dict[str, float]) -> dict:
-    """The nested metrics whose flattened keys read <job>.<init>.pct<p>.<metric> and pretrain.<key>."""
+def collated_metrics(cells: Cells, pretrain: dict[str, float], spreads: Spreads | None = None) -> dict:
+    """The nested metrics whose flattened keys read <job>.<init>.pct<p>.<metric> (plus <metric>_sd where a
+    cell reports a mean over seeds) and pretrain.<key>."""
     out: dict = {}
     for job, pct, init in sorted(cells, key=lambda k: (k[0], k[2], f"pct{k[1]}")):
-        out.setdefault(job, {}).setdefault(init, {})[f"pct{pct}"] = {JOBS[job].metric: cells[(job, pct, init)]}
+        metric = JOBS[job].metric
+        entry = {metric: cells[(job, pct, init)]}
+        if spreads and (job, pct, init) in spreads:
+            entry[f"{metric}_sd"] = spreads[(job, pct, init)][0]
+        out.setdefault(job, {}).setdefault(init, {})[f"pct{pct}"] = entry
     out["pretrain"] = {k: pretrain[k] for k in sorted(pretrain)}
     return {k: out[k] for k in sorted(out)}
 
@@ -171,6 +200,7 @@ class Table:
     rows: list[Row]
     published: Row
     missing: list[str]
+    seeds: list[int] = field(default_factory=list)  # distinct seed counts of the cells that report a mean
 
     @property
     def columns(self) -> list[tuple[str, int]]:
@@ -181,7 +211,7 @@ class Table:
         return [f"{JOBS[j].dataset} {METRIC_LABELS[JOBS[j].metric]} {p}%" for j, p in self.columns]
 
 
-def fraction_table(cells: Cells, table: str, reference: Reference) -> Table:
+def fraction_table(cells: Cells, table: str, reference: Reference, spreads: Spreads | None = None) -> Table:
     jobs = [j for j, spec in JOBS.items() if spec.table == table]
     columns = [(j, p) for j in jobs for p in PCTS]
     values = {i: [_percent(cells.get((j, p, i))) for j, p in columns] for i in present_inits(cells)}
@@ -189,7 +219,8 @@ def fraction_table(cells: Cells, table: str, reference: Reference) -> Table:
     rows = [Row(i, INIT_LABELS[i], v, [x is not None and x == b for x, b in zip(v, best)]) for i, v in values.items()]
     pub = [reference.published.get(j) if p == 100 else None for j, p in columns]
     missing = [m for m in missing_cells(cells) if m.rsplit("-", 2)[0] in jobs]
-    return Table(jobs, rows, Row("published", PUBLISHED_LABEL, pub, [False] * len(columns)), missing)
+    seeds = sorted({n for (j, _, _), (_, n) in (spreads or {}).items() if j in jobs})
+    return Table(jobs, rows, Row("published", PUBLISHED_LABEL, pub, [False] * len(columns)), missing, seeds)
 
 
 def _percent(value: float | None) -> float | None:
@@ -215,6 +246,10 @@ def _source_note(reference: Reference) -> str:
 def _table_notes(table: Table, dash: str) -> list[str]:
     notes = [f"Values in percent on the test split. Bold: the best encoder init per column (highest unrounded "
              f"value; the published row is not compared). {dash}: cell not run."]  # fmt: skip
+    if table.seeds:
+        counts = " or ".join(str(n) for n in table.seeds)
+        notes.append(f"Each value is the mean over {counts} seeds of the cell's probe, trained on the same encoder "
+                     f"features; their standard deviations are in reports/metrics.json (<metric>_sd).")  # fmt: skip
     if table.missing:
         notes.append(f"Missing cells ({len(table.missing)}, shown as {dash}): {', '.join(table.missing)}.")
     return notes
@@ -489,12 +524,13 @@ def write_reports(
     spectrum: dict[str, list[float]],
     reference: Reference,
     out: str | Path,
+    spreads: Spreads | None = None,
 ) -> None:
     """Everything collate writes, under `out` (metrics.json, tables/, plots/, claims.md)."""
     out = Path(out)
-    atomic_write(out / "metrics.json", json.dumps(collated_metrics(cells, pretrain), indent=2) + "\n")
+    atomic_write(out / "metrics.json", json.dumps(collated_metrics(cells, pretrain, spreads), indent=2) + "\n")
     for name in TABLES:
-        table = fraction_table(cells, name, reference)
+        table = fraction_table(cells, name, reference, spreads)
         atomic_write(out / "tables" / f"{name}.md", render_md(table, reference))
         atomic_write(out / "tables" / f"{name}.tex", render_tex(table, reference))
         atomic_write(out / "tables" / f"{name}.csv", render_csv(table))

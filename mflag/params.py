@@ -92,7 +92,7 @@ class PretrainParams:
     betas: list[float]  # reference: 0.9, 0.999
     restart_fraction: float  # warm-restart period as a share of all steps (reference: 0.4)
     eta_min: float  # reference: 1e-8
-    precision: Literal["auto", "fp32", "bf16", "fp16"]  # auto: bf16 on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"]  # auto: bf16 where native (CUDA, AVX512/AMX CPUs), else fp32
     channels_last: bool  # on CUDA
     workers: int  # threads gathering batches ahead of the step
     crop: int  # random crop side (reference: 224 from a 256 cache)
@@ -225,6 +225,11 @@ class ClassifyParams:
     upsample: int  # MGCA upsampled crops to 299 before the encoder; 0 = off (default)
     augment: bool  # protocol: true (random crop; CheXpert also jitter, blur, flip); false: cached features
     eval_batch_size: int
+    seeds: int  # probes per cell, seeds `seed`, `seed` + 1, ...; the cell reports their mean (protocol: one)
+
+    def validate(self, prefix: str) -> None:
+        if self.seeds < 1:
+            raise ParamsError(f"params: `{prefix}.seeds` must be >= 1 (probes per cell), got {self.seeds}")
 
 
 @dataclass(frozen=True)
@@ -264,7 +269,7 @@ class DetectParams:
 @dataclass(frozen=True)
 class FinetuneParams:
     device: Literal["auto", "cpu", "cuda"]
-    precision: Literal["fp32", "bf16"]  # autocast for the frozen encoder's forward
+    precision: Literal["auto", "fp32", "bf16"]  # autocast for the frozen encoder's forward; auto as pretrain
     cls: ClassifyParams
     seg: SegmentParams
     det: DetectParams

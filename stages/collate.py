@@ -18,6 +18,7 @@ from mflag.collate import (
     read_columns,
     read_pretrain,
     read_reference,
+    read_spreads,
     write_reports,
 )
 
@@ -34,6 +35,7 @@ def main() -> None:
             sys.exit(f"error: collate: input file not found: {path}; {hint}")
     try:
         cells = read_cells(FINETUNE)
+        spreads = read_spreads(FINETUNE)
         pretrain = read_pretrain(PRETRAIN / "metrics.json")
         losses, spectrum = read_columns(PRETRAIN / "losses.csv"), read_columns(PRETRAIN / "spectrum.csv")
         reference = read_reference(REFERENCE)
@@ -43,7 +45,7 @@ def main() -> None:
     if missing:
         print(f"warning: collate: {len(missing)} fine-tuning cells not found under {FINETUNE}/ (dashes in the "
               f"tables): {', '.join(missing)}", file=sys.stderr)  # fmt: skip
-    write_reports(cells, pretrain, losses, spectrum, reference, OUT)
+    write_reports(cells, pretrain, losses, spectrum, reference, OUT, spreads)
     print(f"collate: {len(cells)} cells, tables in {OUT}/tables, plots in {OUT}/plots, claims in {OUT}/claims.md")
 
 

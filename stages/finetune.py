@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors.torch import load_file
 
 import mflag
 from mflag.config import to_dict
-from mflag.distributed import resolve_device
+from mflag.distributed import resolve_device, resolve_precision
 from mflag.finetune.data import JOBS, load_task_data
 from mflag.finetune.memo import FileMemo
 from mflag.io import write_json
@@ -38,8 +39,6 @@ FEATURE_CODE = (_LIB / "models.py", _LIB / "resnet.py", *sorted((_LIB / "finetun
 def _feature_key(settings: str, encoder: Path, dataset: str) -> str:
     """16 hex digits of a hash of everything the stored features depend on: the settings string, the
     encoder's weights, the dataset's cache (images, masks, rows), the feature code and the torch version."""
-    import torch
-
     h = hashlib.sha256(f"{settings}/torch {torch.__version__}".encode())
     cache = Path("data/cache") / dataset
     for path in (encoder, *sorted(p for p in cache.iterdir() if p.is_file()), *FEATURE_CODE):
@@ -73,6 +72,7 @@ def main(job: str, pct: int, init: str) -> None:
     ft = params.finetune
     task, dataset = JOBS[job]
     device = resolve_device(ft.device)
+    precision = resolve_precision(ft.precision, torch.device(device), "finetune.precision")
     encoder = _encoder_path(init)
     data = load_task_data(Path("data/cache") / dataset, dataset, task, pct)
     for name, rows in (("train", data.train_rows), ("valid", data.valid_rows), ("test", data.test_rows)):
@@ -94,19 +94,19 @@ def main(job: str, pct: int, init: str) -> None:
         log_rows.append(rec)
 
     if task == "cls":
-        from mflag.finetune.classify import ClassifyConfig, encode_features, linear_probe
+        from mflag.finetune.classify import ClassifyConfig, encode_features, probe_over_seeds
 
         c = ft.cls
         cfg = ClassifyConfig(
             lr=c.lr, weight_decay=c.weight_decay, batch_size=c.batch_size, max_epochs=c.max_epochs,
             patience=c.patience, crop=c.crop, upsample=c.upsample, augment=c.augment,
-            moco_aug=c.augment and dataset == "chexpert", eval_batch_size=c.eval_batch_size, precision=ft.precision,
+            moco_aug=c.augment and dataset == "chexpert", eval_batch_size=c.eval_batch_size, precision=precision,
         )  # fmt: skip
         trunk = load_trunk(encoder).to(device)
         features = None
         if not c.augment:
             # frozen encoder, deterministic crops: the three fractions share one feature file
-            key = _feature_key(f"{dataset}/{c.crop}/{c.upsample}/{c.eval_batch_size}/{ft.precision}", encoder, dataset)
+            key = _feature_key(f"{dataset}/{c.crop}/{c.upsample}/{c.eval_batch_size}/{precision}", encoder, dataset)
             cache = FEATURES / f"{dataset}-{init}-{key}.npy"
             if cache.is_file():
                 features = np.load(cache)
@@ -115,8 +115,9 @@ def main(job: str, pct: int, init: str) -> None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 np.save(cache.with_suffix(".tmp.npy"), features)
                 cache.with_suffix(".tmp.npy").replace(cache)
-        result = linear_probe(trunk, data.images, data.labels, data.train_rows, data.valid_rows, data.test_rows,
-                              data.kind, cfg, device, seed, features=features, log=log)  # fmt: skip
+        result = probe_over_seeds(trunk, data.images, data.labels, data.train_rows, data.valid_rows, data.test_rows,
+                                  data.kind, cfg, device, [seed + k for k in range(c.seeds)], features=features,
+                                  log=log)  # fmt: skip
         task_params = to_dict(c)
     elif task == "seg":
         from mflag.finetune.segment import SegmentConfig, train_segmenter
@@ -125,7 +126,7 @@ def main(job: str, pct: int, init: str) -> None:
         cfg = SegmentConfig(
             lr=c.lr, weight_decay=c.weight_decay, batch_size=c.batch_size[dataset], max_epochs=c.max_epochs,
             patience=c.patience, input_size=c.input_size, augment=c.augment, balance=c.balance and dataset == "siim",
-            eval_batch_size=c.eval_batch_size, precision=ft.precision, decoder_channels=tuple(c.decoder_channels),
+            eval_batch_size=c.eval_batch_size, precision=precision, decoder_channels=tuple(c.decoder_channels),
         )  # fmt: skip
         memo = None if c.augment else _split_memo(job, init, cfg, encoder, dataset, device)
         result = train_segmenter(load_file(str(encoder)), data.images, data.masks, data.train_rows, data.valid_rows,
@@ -140,7 +141,7 @@ def main(job: str, pct: int, init: str) -> None:
             lr=by_pct[0], weight_decay=c.weight_decay, batch_size=by_pct[1], max_epochs=c.max_epochs,
             patience=c.patience, input_size=c.input_size, conf_threshold=c.conf_threshold, nms_iou=c.nms_iou,
             iou_thresholds=tuple(c.iou_thresholds), drop_empty_test=c.drop_empty_test,
-            eval_batch_size=c.eval_batch_size, precision=ft.precision,
+            eval_batch_size=c.eval_batch_size, precision=precision,
         )  # fmt: skip
         result = train_detector(load_file(str(encoder)), data.images, data.boxes, data.train_rows, data.valid_rows,
                                 data.test_rows, cfg, device, seed, log=log, widths=tuple(c.neck_widths),
@@ -150,7 +151,8 @@ def main(job: str, pct: int, init: str) -> None:
     timing = {k: result.pop(k) for k in TIMING if k in result}
     write_json(out / "metrics.json", {
         "job": job, "pct": pct, "init": init, **result,
-        "params": {"seed": seed, "finetune": {task: task_params, "device": ft.device, "precision": ft.precision}},
+        "params": {"seed": seed, "finetune": {task: task_params, "device": ft.device, "precision": ft.precision},
+                   "precision_used": precision},
     })  # fmt: skip
     if timing:
         print(f"finetune {cell} timing: " + ", ".join(f"{k}={v:.1f}" for k, v in timing.items()))

@@ -52,7 +52,7 @@ def _csv(rows: list[dict]) -> str:
 def main() -> None:
     params = load_or_exit()
     p, env = params.pretrain, distributed.init(params.pretrain.device)
-    precision = p.precision if p.precision != "auto" else ("bf16" if env.device.type == "cuda" else "fp32")
+    precision = distributed.resolve_precision(p.precision, env.device, "pretrain.precision")
     meta = json.loads(EMBEDDINGS.with_suffix(".json").read_text())
     try:
         trunk = build_trunk(params.model.vision.init, params.model.vision.imagenet_weights, params.seed)
@@ -71,7 +71,8 @@ def main() -> None:
         ortho_on=params.loss.ortho_on, seed=params.seed, log_every=p.log_every,
     )  # fmt: skip
     run_params = {"seed": params.seed, "loss": to_dict(params.loss), "model": to_dict(params.model),
-                  "pretrain": to_dict(p), "world_size": env.world_size}  # fmt: skip
+                  "pretrain": to_dict(p), "precision_used": precision,
+                  "world_size": env.world_size}  # fmt: skip
     data = load_data(CACHE, EMBEDDINGS)
     live = None
     if env.is_main:

@@ -22,6 +22,7 @@ from mflag.finetune.classify import (
     linear_probe,
     macro_auc,
     moco_photometric,
+    probe_over_seeds,
     random_crop_normalize,
     roc_auc,
 )
@@ -278,3 +279,43 @@ def test_feature_cache_matches_on_the_fly_path():
             for k in ("train_loss", "valid_loss", "valid_metric"):
                 assert h1[k] == pytest.approx(h0[k], rel=1e-4, abs=1e-6), (name, k)
     assert cached["epochs_run"] == 6 and len(logs["fly"]) == 6
+
+
+# ---------------------------------------------------------------------------------- several seeds
+@pytest.mark.parametrize("kind", ["multilabel", "binary", "multiclass"])
+def test_probe_over_seeds_is_the_mean_of_independent_probes(kind):
+    x, y = separable(kind, n=120, d=64, seed=1)
+    x += np.random.default_rng(2).normal(scale=4.0, size=x.shape).astype(np.float32)  # not perfectly separable
+    tr, va, te = split(len(y))
+    c = cfg(max_epochs=6, patience=2, batch_size=16)
+    seeds = [7, 3, 11]
+    single = [linear_probe(None, None, y, tr, va, te, kind, c, CPU, seed=s, features=x, progress=False) for s in seeds]
+    history = []
+    got = probe_over_seeds(None, None, y, tr, va, te, kind, c, CPU, seeds, features=x, log=history.append,
+                           progress=False)  # fmt: skip
+    assert got["seeds"] == seeds and got["n_train"] == len(tr)
+    assert [{k: v for k, v in r.items() if k != "seed"} for r in got["per_seed"]] == single
+    assert [r["seed"] for r in got["per_seed"]] == seeds
+    metric = "acc" if kind == "multiclass" else "auc"
+    values = [r[metric] for r in single]
+    assert len(set(values)) > 1  # the seeds do differ, so the mean and SD are not trivially one value
+    assert got[metric] == pytest.approx(sum(values) / 3, abs=1e-12)
+    mean = sum(values) / 3
+    assert got[f"{metric}_sd"] == pytest.approx((sum((v - mean) ** 2 for v in values) / 2) ** 0.5, abs=1e-12)
+    if kind == "multilabel":
+        for k in range(5):
+            assert got["auc_per_label"][k] == pytest.approx(sum(r["auc_per_label"][k] for r in single) / 3, abs=1e-12)
+    assert [h["epoch"] for h in history] == list(range(1, single[0]["epochs_run"] + 1))  # the first seed's curve
+
+
+def test_probe_over_one_seed_is_that_probe_without_an_sd():
+    x, y = separable("binary", n=120, d=64)
+    tr, va, te = split(len(y))
+    c = cfg(max_epochs=3)
+    one = linear_probe(None, None, y, tr, va, te, "binary", c, CPU, seed=5, features=x, progress=False)
+    got = probe_over_seeds(None, None, y, tr, va, te, "binary", c, CPU, [5], features=x, progress=False)
+    assert got["auc"] == one["auc"] and "auc_sd" not in got and got["per_seed"] == [{"seed": 5, **one}]
+    with pytest.raises(ValueError, match="repeat"):
+        probe_over_seeds(None, None, y, tr, va, te, "binary", c, CPU, [5, 5], features=x, progress=False)
+    with pytest.raises(ValueError, match="at least one"):
+        probe_over_seeds(None, None, y, tr, va, te, "binary", c, CPU, [], features=x, progress=False)

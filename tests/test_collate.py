@@ -286,3 +286,36 @@ def test_undefined_metric_reads_as_missing(tmp_path):
     other.mkdir()
     (other / "metrics.json").write_text('{"job": "cls_rsna", "pct": 10, "init": "mflag", "auc": 0.75}')
     assert read_cells(tmp_path) == {("cls_rsna", 10, "mflag"): 0.75}
+
+
+def test_cells_with_several_seeds_add_their_sd_and_a_table_note(tmp_path):
+    cells = all_cells()
+    root = make_project(tmp_path, cells)
+    sds = {}
+    for k, (job, pct, init) in enumerate(c for c in cells if c[0].startswith("cls_")):
+        path = root / f"reports/finetune/{job}-{pct}-{init}/metrics.json"
+        rec = json.loads(path.read_text())
+        sds[(job, pct, init)] = 0.01 * (k + 1)
+        rec.update({f"{JOB_METRIC[job]}_sd": sds[(job, pct, init)], "seeds": list(range(42, 50))})
+        path.write_text(json.dumps(rec))
+    run_stage(root, sys.executable, str(REPO / "stages/collate.py"))
+    out = root / "reports"
+    flat = flatten(json.loads((out / "metrics.json").read_text()))
+    sd_keys = {k for k in flat if k.endswith("_sd")}
+    assert sd_keys == {f"{j}.{i}.pct{p}.{JOB_METRIC[j]}_sd" for j, p, i in sds}
+    for (j, p, i), sd in sds.items():
+        assert flat[f"{j}.{i}.pct{p}.{JOB_METRIC[j]}_sd"] == sd
+        assert flat[f"{j}.{i}.pct{p}.{JOB_METRIC[j]}"] == cells[(j, p, i)]  # the mean, as the cell wrote it
+    assert "mean over 8 seeds" in (out / "tables/classification.md").read_text()
+    assert "mean over 8 seeds" in (out / "tables/classification.tex").read_text()
+    assert "seeds" not in (out / "tables/segmentation.md").read_text()
+
+
+def test_a_spread_without_its_seeds_is_an_error(tmp_path):
+    root = make_project(tmp_path, all_cells())
+    path = root / "reports/finetune/cls_rsna-10-mflag/metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "auc_sd": 0.02, "seeds": [42]}))
+    proc = subprocess.run([sys.executable, str(REPO / "stages/collate.py")], cwd=root, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "cls_rsna-10-mflag/metrics.json" in proc.stderr and "auc_sd" in proc.stderr

@@ -9,8 +9,10 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
+from mflag.distributed import resolve_precision
 from mflag.finetune.data import JOBS, load_task_data
 from tests.conftest import REPO, deep_merge, run_stage
 
@@ -51,8 +53,18 @@ def test_cell_trains_on_exactly_its_fraction(workdir, job, pct, metric):
     assert (out["job"], out["pct"], out["init"]) == (job, pct, "random")
     assert out["n_train"] == len(want)
     assert metric in out and (np.isnan(out[metric]) or 0.0 <= out[metric] <= 1.0)
-    assert out["best_epoch"] >= 1
     assert out["params"]["seed"] == 42 and JOBS[job][0] in out["params"]["finetune"]
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    want_precision = resolve_precision(params["finetune"]["precision"], torch.device("cpu"), "finetune.precision")
+    assert out["params"]["precision_used"] == want_precision
+    if JOBS[job][0] == "cls":  # several probes, seeds 42, 43, ...; the cell reports their mean
+        n = params["finetune"]["cls"]["seeds"]
+        assert out["seeds"] == list(range(42, 42 + n)) and [r["seed"] for r in out["per_seed"]] == out["seeds"]
+        values = [r[metric] for r in out["per_seed"]]
+        assert out[metric] == pytest.approx(float(np.mean(values)), nan_ok=True)
+        assert all(r["best_epoch"] >= 1 and r["n_train"] == len(want) for r in out["per_seed"])
+    else:
+        assert out["best_epoch"] >= 1
     live = json.loads((workdir / f"reports/finetune/{job}-{pct}-random/live/metrics.json").read_text())
     # no timing and no Git revision in the outputs: identical runs must give identical bytes (dvc.lock)
     for key in ("seconds", "feature_seconds", "train_images_per_second", "git_revision"):

@@ -44,6 +44,7 @@ __all__ = [
     "KINDS",
     "encode_features",
     "linear_probe",
+    "probe_over_seeds",
     "roc_auc",
     "macro_auc",
     "accuracy",
@@ -496,4 +497,56 @@ def linear_probe(
     out = _metrics(kind, y_test.cpu().numpy(), test_logits)
     out.update(best_epoch=int(best["epoch"]), epochs_run=int(epoch), n_train=int(len(train_rows)),
                best_valid_loss=float(best["loss"]))  # fmt: skip
+    return out
+
+
+def probe_over_seeds(
+    trunk: nn.Module | None,
+    images_u8: np.ndarray | None,
+    labels: np.ndarray,
+    train_rows: np.ndarray,
+    valid_rows: np.ndarray,
+    test_rows: np.ndarray,
+    kind: str,
+    cfg: ClassifyConfig,
+    device: torch.device | str,
+    seeds: list[int],
+    features: np.ndarray | None = None,
+    log: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> dict:
+    """:func:`linear_probe` once per seed in ``seeds``, on the same data; the cell reports the mean.
+
+    With a handful of training images the probe's own seed (head init, batch order) moves a test AUC by
+    several points (README, "Fine-tuning"), so one run cannot rank two encoders whose difference is
+    smaller than that. Returns the mean over seeds of each test metric (``auc``, ``acc``, and for
+    multi-label ``auc_per_label``, None where every seed skipped the label), ``<metric>_sd`` (the sample
+    standard deviation over seeds, with two seeds or more), ``n_train``, ``seeds`` and ``per_seed``: each
+    seed's own result (as :func:`linear_probe` returns it, plus ``seed``). ``log`` receives the curves of
+    the first seed only.
+    """
+    if not seeds:
+        raise ValueError("probe_over_seeds needs at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"probe_over_seeds: seeds repeat: {seeds}")
+    if features is None and not cfg.augment and trunk is not None:  # one feature pass serves every seed
+        features = encode_features(trunk, images_u8, np.arange(len(labels)), cfg, device, progress)
+    runs = [
+        {"seed": int(s), **linear_probe(trunk, images_u8, labels, train_rows, valid_rows, test_rows, kind, cfg,
+                                         device, int(s), features=features, log=log if i == 0 else None,
+                                         progress=progress)}  # fmt: skip
+        for i, s in enumerate(seeds)
+    ]
+    out: dict = {}
+    for name in ("auc", "acc"):
+        values = [r[name] for r in runs if name in r]
+        if len(values) == len(runs):
+            out[name] = float(np.mean(values))
+            if len(values) > 1:
+                out[f"{name}_sd"] = float(np.std(values, ddof=1))
+    if kind == "multilabel":
+        per = [[r["auc_per_label"][k] for r in runs if r["auc_per_label"][k] is not None]
+               for k in range(len(runs[0]["auc_per_label"]))]  # fmt: skip
+        out["auc_per_label"] = [float(np.mean(v)) if v else None for v in per]
+    out.update(n_train=runs[0]["n_train"], seeds=[r["seed"] for r in runs], per_seed=runs)
     return out
