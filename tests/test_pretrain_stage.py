@@ -8,9 +8,11 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
+from mflag.distributed import resolve_precision
 from tests.conftest import REPO, run_stage
 
 
@@ -63,6 +65,9 @@ def test_pretrain_outputs(pretrained):
     # through the embeddings), so a change elsewhere in params.yaml cannot change this output
     declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["pretrain"]["params"]
     top = {k.split(".")[0] for k in declared}
-    assert set(run["params"]) - {"world_size"} <= top and {"seed", "loss", "pretrain"} <= set(run["params"])
+    # world_size and precision_used are what the run resolved, not params.yaml keys
+    assert set(run["params"]) - {"world_size", "precision_used"} <= top and {"seed", "loss", "pretrain"} <= set(run["params"])
+    assert run["params"]["precision_used"] == resolve_precision(run["params"]["pretrain"]["precision"],
+                                                                torch.device("cpu"), "pretrain.precision")
     assert set(run["params"]["model"]) >= {"vision", "proj_dim"}
     assert not (pretrained / ".resume/pretrain.pt").exists()  # removed once the run finished
