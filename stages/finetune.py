@@ -9,6 +9,7 @@ training images and the resolved params.
 from __future__ import annotations
 
 import hashlib
+import io
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from mflag.config import to_dict
 from mflag.distributed import resolve_device, resolve_precision
 from mflag.finetune.data import JOBS, load_task_data
 from mflag.finetune.memo import FileMemo
-from mflag.io import write_json
+from mflag.io import atomic_write, write_json
 from mflag.live import StepLog
 from mflag.models import load_trunk
 from mflag.params import load_or_exit
@@ -112,9 +113,9 @@ def main(job: str, pct: int, init: str) -> None:
                 features = np.load(cache)
             else:
                 features = encode_features(trunk, data.images, np.arange(len(data.index)), cfg, device)
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                np.save(cache.with_suffix(".tmp.npy"), features)
-                cache.with_suffix(".tmp.npy").replace(cache)
+                buf = io.BytesIO()
+                np.save(buf, features)
+                atomic_write(cache, buf.getvalue())
         result = probe_over_seeds(trunk, data.images, data.labels, data.train_rows, data.valid_rows, data.test_rows,
                                   data.kind, cfg, device, [seed + k for k in range(c.seeds)], features=features,
                                   log=log)  # fmt: skip

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -282,30 +284,65 @@ def test_feature_cache_matches_on_the_fly_path():
 
 
 # ---------------------------------------------------------------------------------- several seeds
+def _same_run(got: dict, want: dict) -> None:
+    """One seed of probe_over_seeds (heads trained together) against linear_probe alone: the same epochs,
+    and the same numbers up to floating-point summation order."""
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        if isinstance(v, float):
+            assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6, nan_ok=True), k
+        elif k == "auc_per_label":
+            assert got[k] == pytest.approx(v, abs=1e-6), k
+        else:
+            assert got[k] == v, k
+
+
 @pytest.mark.parametrize("kind", ["multilabel", "binary", "multiclass"])
 def test_probe_over_seeds_is_the_mean_of_independent_probes(kind):
-    x, y = separable(kind, n=120, d=64, seed=1)
+    x, y = separable(kind, n=160, d=64, seed=1)
     x += np.random.default_rng(2).normal(scale=4.0, size=x.shape).astype(np.float32)  # not perfectly separable
     tr, va, te = split(len(y))
-    c = cfg(max_epochs=6, patience=2, batch_size=16)
-    seeds = [7, 3, 11]
-    single = [linear_probe(None, None, y, tr, va, te, kind, c, CPU, seed=s, features=x, progress=False) for s in seeds]
+    c = cfg(max_epochs=30, patience=3, batch_size=16, lr=3e-2)
+    seeds = [7, 3, 11, 20, 5]
+    single_logs = [[] for _ in seeds]
+    single = [linear_probe(None, None, y, tr, va, te, kind, c, CPU, seed=s, features=x, log=single_logs[i].append,
+                           progress=False) for i, s in enumerate(seeds)]  # fmt: skip
+    # the heads stop at different epochs, so a stopped head leaving the batch is exercised
+    assert len({r["epochs_run"] for r in single}) > 1 and min(r["epochs_run"] for r in single) < c.max_epochs
     history = []
     got = probe_over_seeds(None, None, y, tr, va, te, kind, c, CPU, seeds, features=x, log=history.append,
                            progress=False)  # fmt: skip
     assert got["seeds"] == seeds and got["n_train"] == len(tr)
-    assert [{k: v for k, v in r.items() if k != "seed"} for r in got["per_seed"]] == single
     assert [r["seed"] for r in got["per_seed"]] == seeds
+    for run, want in zip(got["per_seed"], single):
+        _same_run({k: v for k, v in run.items() if k != "seed"}, want)
     metric = "acc" if kind == "multiclass" else "auc"
     values = [r[metric] for r in single]
     assert len(set(values)) > 1  # the seeds do differ, so the mean and SD are not trivially one value
-    assert got[metric] == pytest.approx(sum(values) / 3, abs=1e-12)
-    mean = sum(values) / 3
-    assert got[f"{metric}_sd"] == pytest.approx((sum((v - mean) ** 2 for v in values) / 2) ** 0.5, abs=1e-12)
+    mean = sum(values) / len(values)
+    assert got[metric] == pytest.approx(mean, abs=1e-6)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    assert got[f"{metric}_sd"] == pytest.approx(sd, abs=1e-6)
     if kind == "multilabel":
         for k in range(5):
-            assert got["auc_per_label"][k] == pytest.approx(sum(r["auc_per_label"][k] for r in single) / 3, abs=1e-12)
-    assert [h["epoch"] for h in history] == list(range(1, single[0]["epochs_run"] + 1))  # the first seed's curve
+            want = sum(r["auc_per_label"][k] for r in single) / len(seeds)
+            assert got["auc_per_label"][k] == pytest.approx(want, abs=1e-6)
+    assert [h["epoch"] for h in history] == [h["epoch"] for h in single_logs[0]]  # the first seed's curve
+    for h, want in zip(history, single_logs[0]):
+        assert {k: h[k] for k in want} == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_probe_over_seeds_keeps_the_last_heads_when_validation_is_nan():
+    x, y = separable("binary", n=120, d=32)
+    tr, va, te = split(len(y))
+    x[va[0]] = np.nan  # every validation loss is NaN: each probe stops after `patience` epochs, last head kept
+    c = cfg(max_epochs=10, patience=3, batch_size=16)
+    single = [linear_probe(None, None, y, tr, va, te, "binary", c, CPU, seed=s, features=x, progress=False)
+              for s in (1, 2)]  # fmt: skip
+    assert [r["epochs_run"] for r in single] == [3, 3] and math.isnan(single[0]["best_valid_loss"])
+    got = probe_over_seeds(None, None, y, tr, va, te, "binary", c, CPU, [1, 2], features=x, progress=False)
+    for run, want in zip(got["per_seed"], single):
+        _same_run({k: v for k, v in run.items() if k != "seed"}, want)
 
 
 def test_probe_over_one_seed_is_that_probe_without_an_sd():
@@ -314,7 +351,9 @@ def test_probe_over_one_seed_is_that_probe_without_an_sd():
     c = cfg(max_epochs=3)
     one = linear_probe(None, None, y, tr, va, te, "binary", c, CPU, seed=5, features=x, progress=False)
     got = probe_over_seeds(None, None, y, tr, va, te, "binary", c, CPU, [5], features=x, progress=False)
-    assert got["auc"] == one["auc"] and "auc_sd" not in got and got["per_seed"] == [{"seed": 5, **one}]
+    assert "auc_sd" not in got and got["per_seed"][0]["seed"] == 5
+    _same_run({k: v for k, v in got["per_seed"][0].items() if k != "seed"}, one)
+    assert got["auc"] == got["per_seed"][0]["auc"]
     with pytest.raises(ValueError, match="repeat"):
         probe_over_seeds(None, None, y, tr, va, te, "binary", c, CPU, [5, 5], features=x, progress=False)
     with pytest.raises(ValueError, match="at least one"):
