@@ -36,7 +36,6 @@ def main() -> None:
     c = params.finetune.cls
     n_seeds = args.seeds or c.seeds
     seeds = [params.seed + k for k in range(n_seeds)]
-    torch.set_num_threads(torch.get_num_threads())
     totals = {"together": 0.0, "one by one": 0.0}
     print(f"{n_seeds} seeds per cell, {torch.get_num_threads()} threads")
     print(f"{'cell':<24}{'n_train':>8}{'together s':>12}{'one by one s':>14}{'metric together':>17}{'one by one':>12}")

@@ -4,7 +4,6 @@ cache, determinism, and the MoCo-style batched augmentation vs torchvision."""
 from __future__ import annotations
 
 import dataclasses
-
 import math
 
 import numpy as np
