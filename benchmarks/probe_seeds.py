@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +42,7 @@ def main() -> None:
     print(f"{'cell':<24}{'n_train':>8}{'together s':>12}{'one by one s':>14}{'metric together':>17}{'one by one':>12}")
     for job in args.jobs:
         _, dataset = JOBS[job]
-        cfg = ClassifyConfig(lr=c.lr, weight_decay=c.weight_decay, batch_size=c.batch_size, max_epochs=c.max_epochs,
-                             patience=c.patience, crop=c.crop, upsample=c.upsample, augment=False, moco_aug=False,
-                             eval_batch_size=c.eval_batch_size, precision="fp32")  # fmt: skip
+        cfg = replace(ClassifyConfig.from_params(c, dataset, "fp32"), augment=False, moco_aug=False)
         for init in ("mflag", "random"):
             stored = sorted(FEATURES.glob(f"{dataset}-{init}-*.npy"), key=lambda p: p.stat().st_mtime)
             if not stored:

@@ -51,10 +51,9 @@ def native_bf16(device: torch.device) -> bool:
         return bool(torch.cuda.is_bf16_supported())
     if device.type != "cpu":
         return False
-    isa = getattr(torch, "cpu", None)
     if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
         try:
-            return bool(isa._is_avx512_bf16_supported() or isa._is_amx_tile_supported())
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
         except AttributeError:  # an older torch without the ISA checks
             return False
     try:

@@ -98,11 +98,7 @@ def main(job: str, pct: int, init: str) -> None:
         from mflag.finetune.classify import ClassifyConfig, encode_features, probe_over_seeds
 
         c = ft.cls
-        cfg = ClassifyConfig(
-            lr=c.lr, weight_decay=c.weight_decay, batch_size=c.batch_size, max_epochs=c.max_epochs,
-            patience=c.patience, crop=c.crop, upsample=c.upsample, augment=c.augment,
-            moco_aug=c.augment and dataset == "chexpert", eval_batch_size=c.eval_batch_size, precision=precision,
-        )  # fmt: skip
+        cfg = ClassifyConfig.from_params(c, dataset, precision)
         trunk = load_trunk(encoder).to(device)
         features = None
         if not c.augment:

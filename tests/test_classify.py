@@ -357,3 +357,18 @@ def test_probe_over_one_seed_is_that_probe_without_an_sd():
         probe_over_seeds(None, None, y, tr, va, te, "binary", c, CPU, [5, 5], features=x, progress=False)
     with pytest.raises(ValueError, match="at least one"):
         probe_over_seeds(None, None, y, tr, va, te, "binary", c, CPU, [], features=x, progress=False)
+
+
+def test_config_from_params_follows_finetune_cls():
+    from mflag.params import load
+
+    c = load().finetune.cls
+    for augment in (False, True):
+        p = dataclasses.replace(c, augment=augment)
+        for dataset in ("chexpert", "rsna", "covidx"):
+            got = ClassifyConfig.from_params(p, dataset, "bf16")
+            for name in ("lr", "weight_decay", "batch_size", "max_epochs", "patience", "crop", "upsample",
+                         "augment", "eval_batch_size"):  # fmt: skip
+                assert getattr(got, name) == getattr(p, name), name
+            assert got.precision == "bf16"
+            assert got.moco_aug is (augment and dataset == "chexpert")  # MoCo-v2 jitter: CheXpert's protocol only

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ import torch.nn.functional as nnf
 
 from mflag.augment import center_crop_normalize
 from mflag.optim import AdamW
+
+if TYPE_CHECKING:
+    from mflag.params import ClassifyParams
 
 __all__ = [
     "ClassifyConfig",
@@ -89,6 +92,15 @@ class ClassifyConfig:
             raise ValueError(f"ClassifyConfig: lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"ClassifyConfig.precision must be fp32 or bf16, got {self.precision!r}")
+
+    @classmethod
+    def from_params(cls, c: ClassifyParams, dataset: str, precision: str) -> ClassifyConfig:
+        """The config of a ``dataset``'s cells from ``finetune.cls``: MoCo-v2 photometric augmentation only
+        for CheXpert, and only with ``augment``; ``precision`` as resolved for the device."""
+        return cls(lr=c.lr, weight_decay=c.weight_decay, batch_size=c.batch_size, max_epochs=c.max_epochs,
+                   patience=c.patience, crop=c.crop, upsample=c.upsample, augment=c.augment,
+                   moco_aug=c.augment and dataset == "chexpert", eval_batch_size=c.eval_batch_size,
+                   precision=precision)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -395,9 +407,19 @@ def _rows(*rows: np.ndarray) -> tuple[np.ndarray, ...]:
     return out
 
 
-def _check_features(features: np.ndarray | None, n_labels: int) -> None:
-    if features is not None and len(features) != n_labels:
-        raise ValueError(f"features has {len(features)} rows but labels {n_labels}: pass features of ALL rows")
+def _probe_inputs(
+    labels: np.ndarray, rows: tuple[np.ndarray, ...], kind: str, features: np.ndarray | None, device: torch.device
+) -> tuple[tuple[np.ndarray, ...], tuple[torch.Tensor, ...], int]:
+    """The checked train / valid / test rows, their targets on ``device`` and the number of outputs."""
+    rows = _rows(*rows)
+    y_all, n_out = _targets(labels, kind)
+    if features is not None and len(features) != len(y_all):
+        raise ValueError(f"features has {len(features)} rows but labels {len(y_all)}: pass features of ALL rows")
+    return rows, tuple(y_all[torch.from_numpy(r)].to(device) for r in rows), n_out
+
+
+def _stored_features(features: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(features[rows], dtype=np.float32)).to(device)
 
 
 def linear_probe(
@@ -431,8 +453,9 @@ def linear_probe(
     multilabel adds "auc_per_label" (None where a label has one class in test) and "auc_skipped".
     """
     device = torch.device(device)
-    train_rows, valid_rows, test_rows = _rows(train_rows, valid_rows, test_rows)
-    y_all, n_out = _targets(labels, kind)
+    rows, (y_train, y_valid, y_test), n_out = _probe_inputs(labels, (train_rows, valid_rows, test_rows), kind,
+                                                           features, device)  # fmt: skip
+    train_rows, valid_rows, test_rows = rows
     on_the_fly = cfg.augment or not cache_features
     if trunk is not None:
         if on_the_fly or features is None:
@@ -444,13 +467,11 @@ def linear_probe(
 
     def feats_of(rows: np.ndarray) -> torch.Tensor:
         if features is not None:
-            return torch.from_numpy(np.ascontiguousarray(features[rows], dtype=np.float32)).to(device)
+            return _stored_features(features, rows, device)
         return torch.from_numpy(encode_features(trunk, images_u8, rows, cfg, device, progress, channels_last)).to(device)
 
-    _check_features(features, len(y_all))
     f_valid, f_test = feats_of(valid_rows), feats_of(test_rows)
     f_train = None if on_the_fly else feats_of(train_rows)
-    y_train, y_valid, y_test = (y_all[torch.from_numpy(r)].to(device) for r in (train_rows, valid_rows, test_rows))
     d_in = f_valid.shape[1]
 
     g_init = torch.Generator().manual_seed(seed)
@@ -554,6 +575,13 @@ def _probe_heads(
     best_loss, best_epoch, bad = [math.inf] * heads, [0] * heads, [0] * heads
     stopped: list[int | None] = [None] * heads  # the epoch each head stopped at
     best_w, best_b = weight.detach().clone(), bias.detach().clone()
+
+    def stop(h: int, at: int) -> None:
+        stopped[h] = at
+        if best_epoch[h] == 0:  # every validation loss was NaN: keep the last head
+            best_w[h], best_b[h] = weight[h].detach(), bias[h].detach()
+            best_loss[h], best_epoch[h] = float("nan"), at
+
     epoch = 0
     for epoch in range(1, cfg.max_epochs + 1):
         active = [h for h in range(heads) if stopped[h] is None]
@@ -588,18 +616,12 @@ def _probe_heads(
             else:
                 bad[h] += 1
                 if bad[h] >= cfg.patience:
-                    stopped[h] = epoch
-            if stopped[h] is not None and best_epoch[h] == 0:  # every validation loss was NaN: the last head
-                best_w[h], best_b[h] = weight[h].detach(), bias[h].detach()
+                    stop(h, epoch)
         if all(e is not None for e in stopped):
             break
     for h in range(heads):
         if stopped[h] is None:
-            stopped[h] = epoch
-            if best_epoch[h] == 0:
-                best_w[h], best_b[h] = weight[h].detach(), bias[h].detach()
-        if best_epoch[h] == 0:
-            best_loss[h], best_epoch[h] = float("nan"), stopped[h]
+            stop(h, epoch)
     with torch.no_grad():
         z_test = _heads_logits(best_w, best_b, f_test, cfg.eval_batch_size).float().cpu().numpy()
     y_test_np = y_test.cpu().numpy()
@@ -650,11 +672,8 @@ def probe_over_seeds(
                    for i, s in enumerate(seeds)]  # fmt: skip
     else:  # cached features: the heads train together
         device = torch.device(device)
-        rows = _rows(train_rows, valid_rows, test_rows)
-        y_all, n_out = _targets(labels, kind)
-        _check_features(features, len(y_all))
-        f = [torch.from_numpy(np.ascontiguousarray(features[r], dtype=np.float32)).to(device) for r in rows]
-        y = [y_all[torch.from_numpy(r)].to(device) for r in rows]
+        rows, y, n_out = _probe_inputs(labels, (train_rows, valid_rows, test_rows), kind, features, device)
+        f = [_stored_features(features, r, device) for r in rows]
         results = _probe_heads(f[0], y[0], f[1], y[1], f[2], y[2], kind, n_out, cfg, seeds, log)
     runs = [{"seed": s, **r} for s, r in zip(seeds, results)]
     out: dict = {}
