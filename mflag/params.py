@@ -103,6 +103,12 @@ class PretrainParams:
     frozen_stages: int  # stem + layer1..k kept at their init (0..4); reference: 0 (all trained)
     eval_batch_size: int
     log_every: int  # steps between logged losses
+    seed: int | None  # the pretraining run's own seed (trunk and projector init, data order, augmentation);
+    # None: the top-level `seed`
+
+    def run_seed(self, top_level_seed: int) -> int:
+        """The seed the pretraining run uses: its own, else the pipeline's."""
+        return top_level_seed if self.seed is None else self.seed
 
     def validate(self, prefix: str) -> None:
         if len(self.betas) != 2 or len(self.rotation) != 2:

@@ -1,7 +1,7 @@
 """Stage `init_random`: the random-init ResNet-50 encoder, the baseline of the fine-tunes.
 
-It reads only `seed`, so no pretraining param touches it. The
-M-FLAG trunk starts from these very weights when model.vision.init is random (same seed).
+It reads only `seed`, so no pretraining param touches it. The M-FLAG trunk starts from these very
+weights when model.vision.init is random and `pretrain.seed` is null or equal to `seed`.
 """
 
 from __future__ import annotations

@@ -54,12 +54,13 @@ def main() -> None:
     p, env = params.pretrain, distributed.init(params.pretrain.device)
     precision = distributed.resolve_precision(p.precision, env.device, "pretrain.precision")
     meta = json.loads(EMBEDDINGS.with_suffix(".json").read_text())
+    seed = p.run_seed(params.seed)
     try:
-        trunk = build_trunk(params.model.vision.init, params.model.vision.imagenet_weights, params.seed)
+        trunk = build_trunk(params.model.vision.init, params.model.vision.imagenet_weights, seed)
     except VisionInitError as err:
         sys.exit(f"error: pretrain: {err}")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(params.seed)  # identical projector init on every rank
+        torch.manual_seed(seed)  # identical projector init on every rank
         model = MFLAG(trunk, meta["dim"], params.model.proj_hidden, params.model.proj_dim, frozen_stages=p.frozen_stages)
     cfg = TrainConfig(
         epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, betas=tuple(p.betas),
@@ -68,10 +69,10 @@ def main() -> None:
         augment=AugmentSpec(crop=p.crop, rotation=tuple(p.rotation), perspective_p=p.perspective_p,
                             perspective_distortion=p.perspective_distortion, autocontrast_p=p.autocontrast_p),
         ortho_weight=params.loss.ortho_weight, ortho_offdiag_weight=params.loss.ortho_offdiag_weight,
-        ortho_on=params.loss.ortho_on, seed=params.seed, log_every=p.log_every,
+        ortho_on=params.loss.ortho_on, seed=seed, log_every=p.log_every,
     )  # fmt: skip
     run_params = {"seed": params.seed, "loss": to_dict(params.loss), "model": to_dict(params.model),
-                  "pretrain": to_dict(p), "precision_used": precision,
+                  "pretrain": to_dict(p), "precision_used": precision, "seed_used": seed,
                   "world_size": env.world_size}  # fmt: skip
     data = load_data(CACHE, EMBEDDINGS)
     live = None

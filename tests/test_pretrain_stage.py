@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -65,9 +66,26 @@ def test_pretrain_outputs(pretrained):
     # through the embeddings), so a change elsewhere in params.yaml cannot change this output
     declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["pretrain"]["params"]
     top = {k.split(".")[0] for k in declared}
-    # world_size and precision_used are what the run resolved, not params.yaml keys
-    assert set(run["params"]) - {"world_size", "precision_used"} <= top and {"seed", "loss", "pretrain"} <= set(run["params"])
+    # world_size, precision_used and seed_used are what the run resolved, not params.yaml keys
+    assert set(run["params"]) - {"world_size", "precision_used", "seed_used"} <= top and {"seed", "loss", "pretrain"} <= set(run["params"])
     assert run["params"]["precision_used"] == resolve_precision(run["params"]["pretrain"]["precision"],
                                                                 torch.device("cpu"), "pretrain.precision")
     assert set(run["params"]["model"]) >= {"vision", "proj_dim"}
     assert not (pretrained / ".resume/pretrain.pt").exists()  # removed once the run finished
+
+
+def test_pretrain_seed_replaces_the_top_level_seed(pretrained, tmp_path):
+    # The fixture's run: top-level seed 42, pretrain.seed null. Another top-level seed with pretrain.seed
+    # 42 must give the very same run (trunk and projector init, data order, augmentation).
+    params = yaml.safe_load((pretrained / "params.yaml").read_text())
+    assert params["seed"] == 42 and params["pretrain"]["seed"] is None
+    wd = tmp_path / "wd"
+    shutil.copytree(pretrained, wd, ignore=shutil.ignore_patterns("models", "reports", ".resume"))
+    params["seed"], params["pretrain"]["seed"] = 7, 42
+    (wd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_stage(wd, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+              str(REPO / "stages/pretrain.py"))  # fmt: skip
+    name = "models/mflag/vision_encoder.safetensors"
+    assert (wd / name).read_bytes() == (pretrained / name).read_bytes()
+    run = json.loads((wd / "models/mflag/run.json").read_text())["params"]
+    assert (run["seed"], run["pretrain"]["seed"], run["seed_used"]) == (7, 42, 42)
