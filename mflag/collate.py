@@ -42,7 +42,7 @@ class CollateError(ValueError):
 class Job(NamedTuple):
     table: str  # the paper table it belongs to
     dataset: str  # column label
-    metric: str  # the key the cell writes (CONTRACTS.md, "Metrics")
+    metric: str  # the key the cell writes (docs/contracts.md, "Metrics")
 
 
 JOBS: dict[str, Job] = {

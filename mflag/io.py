@@ -18,3 +18,11 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def open_live(folder: str | Path):
+    """A DVCLive logger writing only its curve files into `folder` (dvc.yaml declares them as the stage's
+    output and plots, so DVCLive neither writes a dvc.yaml nor makes an experiment of its own)."""
+    from dvclive import Live  # imported here: most stages that use this module log no curves
+
+    return Live(str(folder), dvcyaml=False, save_dvc_exp=False, report=None)

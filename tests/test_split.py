@@ -1,4 +1,4 @@
-"""Patient-level splits and nested fractions, checked against the rules in CONTRACTS.md."""
+"""Patient-level splits and nested fractions, checked against the rules in docs/contracts.md."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-# The split file's label columns per dataset (CONTRACTS.md), used to stratify the nested fractions.
+# The split file's label columns per dataset (docs/contracts.md), used to stratify the nested fractions.
 LABEL_COLUMNS: dict[str, tuple[str, ...]] = {
     "mimic": (),
     "chexpert": ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"),

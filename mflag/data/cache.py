@@ -1,6 +1,6 @@
 """The preprocessed image cache: square uint8 arrays, masks and boxes in one shared geometry.
 
-Layout and schemas are fixed by ``/work/shared/CONTRACTS.md`` ("Cache", "Data quality"). Every image
+Layout and schemas are fixed by ``docs/contracts.md`` ("Cache", "Data quality"). Every image
 is read by a worker process, its longest side resized to S and zero-padded to S x S, centred;
 masks and boxes go through the same map ``cache_xy = orig_xy * scale + offset``. The cache is built
 in a temporary folder beside ``out_dir`` and swapped in only once everything succeeded.
@@ -204,7 +204,7 @@ def build_cache(
     quality_path: Path,
     split_dropped: Sequence[tuple[str, str]] = (),
 ) -> dict:
-    """Read every row of the split file frame and write ``out_dir`` (see CONTRACTS.md "Cache").
+    """Read every row of the split file frame and write ``out_dir`` (see docs/contracts.md "Cache").
 
     table: the reader's table (its boxes / RLEs / excluded counts / dropped rows).
     split: the split file frame; its row order is the cache order.

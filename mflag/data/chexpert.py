@@ -1,6 +1,6 @@
 """CheXpert v1.0 (small or full): ``root`` contains ``CheXpert-v1.0-small/`` or ``CheXpert-v1.0/``.
 
-``train.csv`` is the official train split, ``valid.csv`` the test set (CONTRACTS.md). Only frontal
+``train.csv`` is the official train split, ``valid.csv`` the test set (docs/contracts.md). Only frontal
 images are kept. Labels use the U-Ones policy for Atelectasis, Edema and Pleural Effusion and
 U-Zeros for Cardiomegaly and Consolidation; a blank label is 0.
 """

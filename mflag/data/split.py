@@ -2,7 +2,7 @@
 
 Every decision is a function of ``seed`` and the ids alone (SHA-256 of a tagged string), never of
 row order, pandas/numpy versions or RNG streams, so the same files give the same split file on
-any machine. The file's schema is fixed by ``/work/shared/CONTRACTS.md`` ("Split file").
+any machine. The file's schema is fixed by ``docs/contracts.md`` ("Split file").
 """
 
 from __future__ import annotations

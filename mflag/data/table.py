@@ -2,7 +2,7 @@
 
 Every reader returns a :class:`DatasetTable`: one row per image with the columns
 ``image_id, patient_id, path, official_split`` followed by the dataset's label columns
-(see ``/work/shared/CONTRACTS.md``). Bad input raises :class:`DataError` whose message names
+(see ``docs/contracts.md``). Bad input raises :class:`DataError` whose message names
 the file, and the column or row where that applies.
 """
 

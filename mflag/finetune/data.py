@@ -1,10 +1,11 @@
 """A downstream job's data: one dataset's uint8 cache, its labels, and the rows of each split.
 
-The train rows of a data fraction p are the cache rows with `pct <= p` (CONTRACTS.md: nested subsets).
+The train rows of a data fraction p are the cache rows with `pct <= p` (docs/contracts.md: nested subsets).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,16 +14,6 @@ import pandas as pd
 
 from mflag.data import LABEL_COLUMNS
 
-# job -> (task, dataset); the metric each job reports
-JOBS: dict[str, tuple[str, str]] = {
-    "cls_chexpert": ("cls", "chexpert"),
-    "cls_rsna": ("cls", "rsna"),
-    "cls_covidx": ("cls", "covidx"),
-    "seg_siim": ("seg", "siim"),
-    "seg_rsna": ("seg", "rsna"),
-    "det_rsna": ("det", "rsna"),
-    "det_objcxr": ("det", "objcxr"),
-}
 COVIDX_CLASSES = ("normal", "pneumonia", "COVID-19")
 
 
@@ -38,9 +29,15 @@ class TaskData:
     kind: str = ""  # multilabel | binary | multiclass
     masks: np.ndarray | None = None  # seg: (N, S, S) uint8
     boxes: dict[int, np.ndarray] = field(default_factory=dict)  # det: row -> (n, 4) x1, y1, x2, y2
+    pct: np.ndarray | None = None  # (N,) float: each row's smallest fraction, NaN outside train
+
+    def at_fraction(self, pct: int) -> TaskData:
+        """The same data with the train rows of one fraction (nested: the rows with `pct <= p`)."""
+        return dataclasses.replace(self, train_rows=self.train_rows[self.pct[self.train_rows] <= pct])
 
 
-def load_task_data(cache_dir: Path, dataset: str, task: str, pct: int) -> TaskData:
+def load_task_data(cache_dir: Path, dataset: str, task: str, pct: int = 100) -> TaskData:
+    """A job's data from its dataset's cache; train rows of fraction `pct` (others by `at_fraction`)."""
     index = pd.read_csv(cache_dir / "index.csv", dtype={"image_id": str, "patient_id": str}, keep_default_na=False)
     split = index["split"].to_numpy()
     pct_col = pd.to_numeric(index["pct"], errors="coerce").to_numpy()
@@ -51,6 +48,7 @@ def load_task_data(cache_dir: Path, dataset: str, task: str, pct: int) -> TaskDa
         train_rows=np.flatnonzero((split == "train") & (pct_col <= pct)),
         valid_rows=np.flatnonzero(split == "valid"),
         test_rows=np.flatnonzero(split == "test"),
+        pct=pct_col,
     )
     if task == "cls":
         cols = LABEL_COLUMNS[dataset]
