@@ -1,10 +1,10 @@
 """Seconds the classification cells spend training their probes: the seeds' heads trained together
 (`probe_over_seeds`, what the cells run) against one `linear_probe` after another (what it replaced).
 
-Reads the features the cells stored under .cache/features (run `dvc repro` first, or at least the
-classification cells) and the demo params (finetune.cls, seed); the frozen encoder is not run, so the
-figures are the probes alone. Each cell's mean AUC / accuracy is printed for both ways, as a check that
-they agree.
+Reads the encoders under models/ and the caches under data/cache (run `dvc repro` first, or at least the
+pretrain, init_random and cache stages) and the demo params (finetune.cls, seed). Each encoder's frozen
+features are computed once, as the stage does, and are not timed, so the figures are the probes alone.
+Each cell's mean AUC / accuracy is printed for both ways, as a check that they agree.
 Run:  python benchmarks/probe_seeds.py [--seeds N] [--jobs cls_chexpert cls_rsna cls_covidx]
 """
 
@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mflag.finetune.classify import ClassifyConfig, linear_probe, probe_over_seeds  # noqa: E402
-from mflag.finetune.data import JOBS, load_task_data  # noqa: E402
+from mflag.finetune.classify import ClassifyConfig, encode_features, linear_probe, probe_over_seeds  # noqa: E402
+from mflag.finetune.data import load_task_data  # noqa: E402
+from mflag.jobs import INITS, JOBS, PCTS  # noqa: E402
+from mflag.models import load_trunk  # noqa: E402
 from mflag.params import load_or_exit  # noqa: E402
-
-FEATURES = Path(".cache/features")
 
 
 def main() -> None:
@@ -40,29 +40,33 @@ def main() -> None:
     totals = {"together": 0.0, "one by one": 0.0}
     print(f"{n_seeds} seeds per cell, {torch.get_num_threads()} threads")
     print(f"{'cell':<24}{'n_train':>8}{'together s':>12}{'one by one s':>14}{'metric together':>17}{'one by one':>12}")
-    for job in args.jobs:
-        _, dataset = JOBS[job]
-        cfg = replace(ClassifyConfig.from_params(c, dataset, "fp32"), augment=False, moco_aug=False)
-        for init in ("mflag", "random"):
-            stored = sorted(FEATURES.glob(f"{dataset}-{init}-*.npy"), key=lambda p: p.stat().st_mtime)
-            if not stored:
-                sys.exit(f"error: no stored features {FEATURES}/{dataset}-{init}-*.npy: run `dvc repro` first")
-            features = np.load(stored[-1])
-            for pct in (1, 10, 100):
-                data = load_task_data(Path("data/cache") / dataset, dataset, "cls", pct)
-                rows = (data.train_rows, data.valid_rows, data.test_rows)
+    for name in args.jobs:
+        job = JOBS[name]
+        if job.task != "cls":
+            sys.exit(f"error: {name} is a {job.task} job; this benchmark times the classification probes")
+        dataset = job.dataset
+        data_all = load_task_data(Path("data/cache") / dataset, dataset, "cls")
+        for init in INITS:
+            encoder = Path("models") / init / "vision_encoder.safetensors"
+            if not encoder.is_file():
+                sys.exit(f"error: no encoder {encoder}: run `dvc repro` first")
+            features = None
+            for pct in PCTS:
+                cfg = replace(ClassifyConfig.from_params(c, dataset, pct, "fp32"), augment=False, moco_aug=False)
+                data = data_all.at_fraction(pct)
+                if features is None:  # all rows, shared by the fractions as in the stage
+                    features = encode_features(load_trunk(encoder), data.images, np.arange(len(data.images)), cfg,
+                                               "cpu", progress=False)  # fmt: skip
                 t0 = time.perf_counter()
-                got = probe_over_seeds(None, None, data.labels, *rows, data.kind, cfg, "cpu", seeds,
-                                       features=features, progress=False)  # fmt: skip
+                got = probe_over_seeds(None, data, cfg, "cpu", seeds, features=features, progress=False)
                 t1 = time.perf_counter()
-                single = [linear_probe(None, None, data.labels, *rows, data.kind, cfg, "cpu", s, features=features,
-                                       progress=False) for s in seeds]  # fmt: skip
+                single = [linear_probe(None, data, cfg, "cpu", s, features=features, progress=False) for s in seeds]
                 t2 = time.perf_counter()
-                metric = "acc" if data.kind == "multiclass" else "auc"
+                metric = job.metric
                 ref = float(np.mean([r[metric] for r in single]))
                 totals["together"] += t1 - t0
                 totals["one by one"] += t2 - t1
-                print(f"{job}-{pct}-{init:<10}{len(data.train_rows):>8}{t1 - t0:>12.2f}{t2 - t1:>14.2f}"
+                print(f"{name}-{pct}-{init:<10}{len(data.train_rows):>8}{t1 - t0:>12.2f}{t2 - t1:>14.2f}"
                       f"{got[metric]:>17.4f}{ref:>12.4f}")  # fmt: skip
     together, apart = totals["together"], totals["one by one"]
     print(f"total: together {together:.1f} s, one by one {apart:.1f} s ({apart / together:.1f}x)")

@@ -28,34 +28,18 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import yaml
 
 from mflag.io import atomic_write
+from mflag.jobs import JOBS, PCTS, TASK_TABLES, cell_name
 
 
 class CollateError(ValueError):
     """An input that breaks its contract (names the file)."""
 
 
-class Job(NamedTuple):
-    table: str  # the paper table it belongs to
-    dataset: str  # column label
-    metric: str  # the key the cell writes (docs/contracts.md, "Metrics")
-
-
-JOBS: dict[str, Job] = {
-    "cls_chexpert": Job("classification", "CheXpert", "auc"),
-    "cls_rsna": Job("classification", "RSNA", "auc"),
-    "cls_covidx": Job("classification", "COVIDx", "acc"),
-    "seg_siim": Job("segmentation", "SIIM", "dice"),
-    "seg_rsna": Job("segmentation", "RSNA", "dice"),
-    "det_rsna": Job("detection", "RSNA", "map"),
-    "det_objcxr": Job("detection", "Object-CXR", "map"),
-}
-TABLES = ("classification", "segmentation", "detection")
-PCTS = (1, 10, 100)
+TABLES = tuple(TASK_TABLES.values())
 INIT_LABELS = {"mflag": "M-FLAG", "random": "Random", "imagenet": "ImageNet"}
 METRIC_LABELS = {"auc": "AUC", "acc": "ACC", "dice": "Dice", "map": "mAP"}
 PUBLISHED_LABEL = "published (M-FLAG paper, fraction not stated; assumed 100%)"
@@ -74,10 +58,6 @@ class Reference:
 
 
 # ------------------------------------------------------------------------------------------ read
-def cell_name(job: str, pct: int, init: str) -> str:
-    return f"{job}-{pct}-{init}"
-
-
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -208,11 +188,11 @@ class Table:
 
     @property
     def headers(self) -> list[str]:
-        return [f"{JOBS[j].dataset} {METRIC_LABELS[JOBS[j].metric]} {p}%" for j, p in self.columns]
+        return [f"{JOBS[j].label} {METRIC_LABELS[JOBS[j].metric]} {p}%" for j, p in self.columns]
 
 
 def fraction_table(cells: Cells, table: str, reference: Reference, spreads: Spreads | None = None) -> Table:
-    jobs = [j for j, spec in JOBS.items() if spec.table == table]
+    jobs = [j for j, spec in JOBS.items() if TASK_TABLES[spec.task] == table]
     columns = [(j, p) for j in jobs for p in PCTS]
     values = {i: [_percent(cells.get((j, p, i))) for j, p in columns] for i in present_inits(cells)}
     best = [max((v[c] for v in values.values() if v[c] is not None), default=None) for c in range(len(columns))]
@@ -269,7 +249,7 @@ def render_md(table: Table, reference: Reference) -> str:
 def render_tex(table: Table, reference: Reference) -> str:
     n = len(table.headers)
     groups = " & ".join(
-        rf"\multicolumn{{3}}{{c}}{{{_tex(JOBS[j].dataset)} ({METRIC_LABELS[JOBS[j].metric]})}}" for j in table.jobs
+        rf"\multicolumn{{3}}{{c}}{{{_tex(JOBS[j].label)} ({METRIC_LABELS[JOBS[j].metric]})}}" for j in table.jobs
     )
     rules = "".join(rf"\cmidrule(lr){{{2 + 3 * k}-{4 + 3 * k}}}" for k in range(len(table.jobs)))
     lines = [
@@ -389,7 +369,7 @@ def fraction_png(cells: Cells, reference: Reference) -> bytes:
     with matplotlib.style.context("default"):  # not the user's matplotlibrc: same bytes everywhere
         fig, axes = _figure(len(TABLES), 3, (11, 9))
         for r, table in enumerate(TABLES):
-            jobs = [j for j, s in JOBS.items() if s.table == table]
+            jobs = [j for j, s in JOBS.items() if TASK_TABLES[s.task] == table]
             for c, ax in enumerate(axes[r]):
                 if c >= len(jobs):
                     ax.set_axis_off()
@@ -403,7 +383,7 @@ def fraction_png(cells: Cells, reference: Reference) -> bytes:
                             label="published (assumed 100%)")  # fmt: skip
                 ax.set_xscale("log")
                 ax.set_xticks(PCTS, [f"{p}%" for p in PCTS])
-                ax.set_title(f"{JOBS[job].dataset} {METRIC_LABELS[JOBS[job].metric]} ({job})")
+                ax.set_title(f"{JOBS[job].label} {METRIC_LABELS[JOBS[job].metric]} ({job})")
                 ax.set_xlabel("training data")
                 ax.set_ylabel(f"{METRIC_LABELS[JOBS[job].metric]} (%)")
                 ax.grid(alpha=0.3)

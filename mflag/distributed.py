@@ -46,7 +46,7 @@ def native_bf16(device: torch.device) -> bool:
     what oneDNN reports. A CPU without them converts bf16 to fp32 around every kernel, slower than fp32:
     a ResNet-50 training step at batch 64 and 56 px, 2 threads, took 21.2 s in bf16 against 1.3 s in fp32
     on a 2-core AMD EPYC (AVX2), and 2.2 s against 1.3 s on a 2-core Xeon with AVX512 but no BF16
-    extension, where oneDNN nonetheless reports bf16 support (README, "Precision")."""
+    extension, where oneDNN nonetheless reports bf16 support (docs/design.md, "Precision")."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     if device.type != "cpu":

@@ -12,20 +12,26 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torchvision
 from safetensors.torch import load_file, save_file
-
-from mflag.resnet import ResNet50
 
 FEATURE_DIM = 2048  # ResNet-50's pooled feature width
 
 
 class VisionInitError(Exception):
-    """An encoder init that cannot be honoured (missing weights), with what to do about it."""
+    """An encoder init that cannot be honoured (missing or mismatched weights), naming the file and what to do."""
 
 
 def resnet50_trunk() -> nn.Module:
-    """ResNet-50 with its classifier removed, torchvision's names and init: (B, 3, H, W) -> (B, 2048)."""
-    return ResNet50()
+    """torchvision's ResNet-50 (random init, drawn from torch's global generator) with its classifier
+    replaced by an identity: (B, 3, H, W) -> (B, 2048). Its state dict is torchvision's without ``fc.*``.
+
+    The 2048 -> 1000 classifier is still built (and drawn) by torchvision before it is dropped, so a seed
+    gives the trunk weights ``torchvision.models.resnet50()`` gives.
+    """
+    net = torchvision.models.resnet50(weights=None)
+    net.fc = nn.Identity()
+    return net
 
 
 def load_imagenet_trunk(path: str | Path) -> nn.Module:
@@ -78,7 +84,15 @@ def load_trunk(path: str | Path) -> nn.Module:
     if not path.is_file():
         raise VisionInitError(f"encoder file not found: {path}")
     net = resnet50_trunk()
-    net.load_state_dict(load_file(str(path)))
+    try:
+        missing, unexpected = net.load_state_dict(load_file(str(path)), strict=False)
+    except RuntimeError as err:  # a tensor of the wrong shape
+        raise VisionInitError(f"{path}: not a ResNet-50 trunk written by save_trunk: {err}") from err
+    if missing or unexpected:
+        raise VisionInitError(
+            f"{path}: not a ResNet-50 trunk written by save_trunk ({len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:3]})"
+        )
     return net
 
 

@@ -22,7 +22,7 @@ DATASETS = ("mimic", "chexpert", "rsna", "siim", "covidx", "objcxr")
 # ----------------------------------------------------------------------------------------- data
 @dataclass(frozen=True)
 class DatasetParams:
-    root: str  # the folder holding the dataset's official layout (see docs/contracts.md / README)
+    root: str  # the folder holding the dataset's official layout (see docs/contracts.md)
     valid_fraction: float  # share of train-pool patients that go to valid (0 where the split is official)
     test_fraction: float  # share of patients that go to test (only datasets without an official test set)
 

@@ -261,7 +261,8 @@ def train(
         if env.is_main:
             print(
                 f"pretrain epoch {epoch + 1}/{cfg.epochs}: total {rec['total']:.4f} align {rec['align']:.4f} "
-                f"ortho {rec['ortho']:.4f} ({seen * env.world_size / seconds:.1f} img/s)",
+                f"ortho {rec['ortho']:.4f} lr {rec['lr']:.3g} "
+                f"({seconds:.1f} s, {seen * env.world_size / seconds:.1f} img/s)",
                 flush=True,
             )
             _atomic_save(

@@ -25,7 +25,7 @@ Train mode vs. eval mode: the authors' code called the frozen LM inside the trai
 module in train mode, so dropout was active and each step saw a slightly different, randomly
 perturbed text embedding of the same report. Here the LM runs in ``eval()`` mode (dropout off) and its
 outputs are cached: the deterministic equivalent, i.e. the expectation-free "clean" embedding rather
-than a fresh dropout sample per step. This is a deliberate deviation, documented in the README.
+than a fresh dropout sample per step. This is a deliberate deviation, documented in docs/design.md.
 
 Embedding is independent of batch composition: texts are tokenised once (with truncation), sorted by
 token length, batched with dynamic padding (to the longest text of the batch; the attention mask makes

@@ -1,7 +1,7 @@
 """Stage `pretrain`: M-FLAG pretraining of the ResNet-50 encoder (runs under torchrun).
 
 Single process: `torchrun --standalone --nproc_per_node=1 stages/pretrain.py` (what dvc.yaml runs);
-several GPUs or nodes: see README. Only rank 0 writes. A re-run after a kill resumes from the last
+several GPUs or nodes: see docs/gpu.md. Only rank 0 writes. A re-run after a kill resumes from the last
 finished epoch (.resume/pretrain.pt, outside DVC's outputs so DVC does not delete it).
 """
 
@@ -19,8 +19,7 @@ import torch
 from mflag import distributed
 from mflag.augment import AugmentSpec
 from mflag.config import to_dict
-from mflag.io import atomic_write, write_json
-from mflag.live import StepLog
+from mflag.io import atomic_write, open_live, write_json
 from mflag.models import MFLAG, VisionInitError, build_trunk, count_parameters, save_trunk
 from mflag.params import load_or_exit
 from mflag.pretrain import TrainConfig, evaluate, load_data, train
@@ -77,7 +76,7 @@ def main() -> None:
     data = load_data(CACHE, EMBEDDINGS)
     live = None
     if env.is_main:
-        live = StepLog(REPORTS / "live")
+        live = open_live(REPORTS / "live")  # per-step curves: plots/metrics/train/*.tsv, metrics.json
 
     def log(rec: dict) -> None:
         live.step = rec["step"]

@@ -1,5 +1,5 @@
-"""Linear-probe classification: metrics vs scikit-learn, the frozen encoder, early stopping, the feature
-cache, determinism, and the MoCo-style batched augmentation vs torchvision."""
+"""Linear-probe classification: metrics vs hand-computed AUCs and the pairwise definition, the frozen encoder,
+early stopping, the feature cache, determinism, and the MoCo-style batched augmentation vs torchvision."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import dataclasses
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
-from sklearn.metrics import roc_auc_score
 from torchvision.transforms import functional as TF
 
 from mflag.augment import center_crop_normalize
@@ -25,8 +25,8 @@ from mflag.finetune.classify import (
     moco_photometric,
     probe_over_seeds,
     random_crop_normalize,
-    roc_auc,
 )
+from mflag.finetune.data import TaskData
 from mflag.models import resnet50_trunk
 
 CPU = torch.device("cpu")
@@ -65,52 +65,87 @@ def split(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return r[:a], r[a:b], r[b:]
 
 
+def task(labels: np.ndarray, kind: str, rows: tuple[np.ndarray, ...] | None = None,
+         images: np.ndarray | None = None) -> TaskData:  # fmt: skip
+    """A job's data; without ``images``, a placeholder cache (the probes on given features never read it)."""
+    n = len(labels)
+    tr, va, te = split(n) if rows is None else rows
+    images = np.zeros((n, 1, 1), np.uint8) if images is None else images
+    return TaskData(dataset="toy", images=images, index=pd.DataFrame(index=range(n)), train_rows=tr,
+                    valid_rows=va, test_rows=te, labels=labels, kind=kind)  # fmt: skip
+
+
+def pairwise_auc(y: np.ndarray, s: np.ndarray) -> float:
+    """The AUC by its definition: P(score of a positive > score of a negative), ties counting one half."""
+    pos, neg = s[np.asarray(y) == 1], s[np.asarray(y) == 0]
+    return float(np.mean((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])))
+
+
 # ------------------------------------------------------------------------------------------ metrics
-def test_roc_auc_hand_cases():
-    assert roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
-    assert roc_auc(np.array([0, 1]), np.array([0.0, 1.0])) == 1.0
-    assert roc_auc(np.array([0, 1]), np.array([1.0, 0.0])) == 0.0
-    assert roc_auc(np.array([0, 1, 0, 1]), np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+def auc(y, s) -> float:
+    """One column's AUC as the cells compute it (a binary job's test AUC)."""
+    return _metrics("binary", np.asarray(y, dtype=np.float32), np.asarray(s, dtype=np.float64))["auc"]
+
+
+def test_auc_hand_cases():
+    # pairs (pos, neg): (.35, .1) yes, (.35, .4) no, (.8, .1) yes, (.8, .4) yes -> 3 / 4
+    assert auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert auc([0, 1], [0.0, 1.0]) == 1.0
+    assert auc([0, 1], [1.0, 0.0]) == 0.0
+    assert auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
     # one positive tied with one of two negatives: (1 + 0.5) / 2
-    assert roc_auc(np.array([1, 0, 0]), np.array([0.3, 0.3, 0.1])) == pytest.approx(0.75)
-    with pytest.raises(ValueError):
-        roc_auc(np.array([1, 1, 1]), np.array([0.1, 0.2, 0.3]))
+    assert auc([1, 0, 0], [0.3, 0.3, 0.1]) == pytest.approx(0.75)
+    # a single class: the AUC is undefined, NaN for a binary job, None (skipped) for a label of a multi-label one
+    assert math.isnan(auc([1, 1, 1], [0.1, 0.2, 0.3]))
+    macro, per = macro_auc(np.array([[1, 0], [1, 0], [1, 0]]), np.array([[0.1, 0.2], [0.2, 0.1], [0.3, 0.0]]))
+    assert math.isnan(macro) and per == [None, None]
+    with pytest.raises(ValueError):  # NaN scores are an error, not an AUC
+        auc([0, 1, 0], [0.1, np.nan, 0.3])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_roc_auc_matches_sklearn(seed):
+def test_auc_matches_the_pairwise_definition(seed):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, 200)
     s = rng.normal(size=200) + 0.7 * y
-    assert roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert auc(y, s) == pytest.approx(pairwise_auc(y, s), abs=1e-12)
     s_ties = np.round(s, 0)  # heavy ties
-    assert roc_auc(y, s_ties) == pytest.approx(roc_auc_score(y, s_ties), abs=1e-12)
+    assert auc(y, s_ties) == pytest.approx(pairwise_auc(y, s_ties), abs=1e-12)
     s_int = rng.integers(0, 3, 200)
-    assert roc_auc(y.astype(bool), s_int) == pytest.approx(roc_auc_score(y, s_int), abs=1e-12)
+    assert macro_auc(y.astype(bool), s_int)[0] == pytest.approx(pairwise_auc(y, s_int), abs=1e-12)
 
 
-def test_macro_auc_matches_sklearn_and_skips_single_class_labels():
+def test_macro_auc_is_the_mean_over_labels_and_skips_single_class_labels():
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, (150, 5))
     s = rng.normal(size=(150, 5)) + y
+    want = [pairwise_auc(y[:, k], s[:, k]) for k in range(5)]
     macro, per = macro_auc(y, s)
-    assert macro == pytest.approx(roc_auc_score(y, s, average="macro"), abs=1e-12)
-    assert per == pytest.approx([roc_auc_score(y[:, k], s[:, k]) for k in range(5)], abs=1e-12)
+    assert per == pytest.approx(want, abs=1e-12)
+    assert macro == pytest.approx(np.mean(want), abs=1e-12)
     y[:, 2] = 0
     macro, per = macro_auc(y, s)
     assert per[2] is None
     keep = [0, 1, 3, 4]
-    assert macro == pytest.approx(roc_auc_score(y[:, keep], s[:, keep], average="macro"), abs=1e-12)
+    assert per[:2] + per[3:] == pytest.approx([want[k] for k in keep], abs=1e-12)
+    assert macro == pytest.approx(np.mean([want[k] for k in keep]), abs=1e-12)
+    m = _metrics("multilabel", y.astype(np.float32), s)
+    assert m["auc"] == macro and m["auc_per_label"] == per and m["auc_skipped"] == [2]
 
 
-def test_multiclass_metrics_match_sklearn_ovr():
+def test_multiclass_metrics_are_one_vs_rest():
     rng = np.random.default_rng(4)
     y = rng.integers(0, 3, 90)
     logits = rng.normal(size=(90, 3)) + 1.5 * np.eye(3)[y]
     m = _metrics("multiclass", y, logits)
     prob = torch.softmax(torch.from_numpy(logits), 1).numpy()
-    assert m["auc"] == pytest.approx(roc_auc_score(y, prob, multi_class="ovr", average="macro"), abs=1e-12)
+    ovr = [pairwise_auc((y == c).astype(int), prob[:, c]) for c in range(3)]
+    assert m["auc"] == pytest.approx(np.mean(ovr), abs=1e-12) and m["auc_skipped"] == []
     assert m["acc"] == pytest.approx(float(np.mean(logits.argmax(1) == y)))
+    y_two = np.where(y == 2, 0, y)  # class 2 absent from the test rows: skipped from the AUC
+    m = _metrics("multiclass", y_two, logits)
+    ovr = [pairwise_auc((y_two == c).astype(int), prob[:, c]) for c in range(2)]
+    assert m["auc"] == pytest.approx(np.mean(ovr), abs=1e-12) and m["auc_skipped"] == [2]
 
 
 def test_accuracy_by_hand():
@@ -173,10 +208,11 @@ def test_encoder_stays_frozen_resnet50():
     before = {k: v.detach().clone() for k, v in trunk.state_dict().items()}
     assert any("num_batches_tracked" in k for k in before)
     img, y = toy_images(12)
-    tr, va, te = np.arange(8), np.arange(8, 10), np.arange(10, 12)
+    rows = np.arange(8), np.arange(8, 10), np.arange(10, 12)
     y[[8, 10]], y[[9, 11]] = 0, 1
-    res = linear_probe(trunk, img, y, tr, va, te, "binary", cfg(augment=True, moco_aug=True, batch_size=8, max_epochs=2,
-                       eval_batch_size=8), CPU, seed=0, progress=False)  # fmt: skip
+    data = task(y, "binary", rows, images=img)
+    res = linear_probe(trunk, data, cfg(augment=True, moco_aug=True, batch_size=8, max_epochs=2, eval_batch_size=8),
+                       CPU, seed=0, progress=False)  # fmt: skip
     assert res["epochs_run"] == 2 and 0.0 <= res["auc"] <= 1.0
     after = trunk.state_dict()
     assert before.keys() == after.keys()
@@ -205,9 +241,9 @@ def separable(kind: str, n: int = 240, d: int = 256, seed: int = 0) -> tuple[np.
 @pytest.mark.parametrize("kind", ["multilabel", "binary", "multiclass"])
 def test_separable_features_are_learned(kind):
     x, y = separable(kind)
-    tr, va, te = split(len(y))
-    res = linear_probe(None, None, y, tr, va, te, kind, cfg(), CPU, seed=0, features=x, progress=False)
-    assert res["n_train"] == len(tr)
+    data = task(y, kind)
+    res = linear_probe(None, data, cfg(), CPU, seed=0, features=x, progress=False)
+    assert res["n_train"] == len(data.train_rows)
     if kind == "multiclass":
         assert res["acc"] > 0.95 and res["auc"] > 0.95
     else:
@@ -221,58 +257,56 @@ def test_early_stopping_returns_best_epoch_head():
     n, d = 240, 16
     x = rng.normal(size=(n, d)).astype(np.float32)
     y = (x[:, 0] + 0.8 * rng.normal(size=n) > 0).astype(np.float32)  # a weak, noisy signal
-    tr, va, te = split(n)
+    _, va, _ = split(n)
     y_fit = y.copy()
     y_fit[va] = 1.0 - y_fit[va]  # validation labels the head cannot fit: its loss rises as it learns
+    fit, fittable = task(y_fit, "binary"), task(y, "binary")
     history = []
     c = cfg(patience=2, max_epochs=40, lr=5e-3)
-    res = linear_probe(None, None, y_fit, tr, va, te, "binary", c, CPU, seed=3, features=x, log=history.append,
-                       progress=False)  # fmt: skip
+    res = linear_probe(None, fit, c, CPU, seed=3, features=x, log=history.append, progress=False)
     assert res["best_epoch"] < res["epochs_run"] < c.max_epochs
     assert res["epochs_run"] == res["best_epoch"] + c.patience
     assert [h["epoch"] for h in history] == list(range(1, res["epochs_run"] + 1))
     losses = [h["valid_loss"] for h in history]
     assert res["best_valid_loss"] == min(losses) == losses[res["best_epoch"] - 1]
     # reproduce: stopping the same run at the best epoch leaves exactly the best head
-    again = linear_probe(None, None, y_fit, tr, va, te, "binary", dataclasses.replace(c, max_epochs=res["best_epoch"]),
-                         CPU, seed=3, features=x, progress=False)  # fmt: skip
+    again = linear_probe(None, fit, dataclasses.replace(c, max_epochs=res["best_epoch"]), CPU, seed=3, features=x,
+                         progress=False)  # fmt: skip
     assert again["auc"] == res["auc"] and again["best_epoch"] == res["best_epoch"]
     # ... and the last epoch's head is a different one
-    last = linear_probe(None, None, y_fit, tr, va, te, "binary", dataclasses.replace(c, max_epochs=res["epochs_run"],
-                        patience=100), CPU, seed=3, features=x, progress=False)  # fmt: skip
+    last = linear_probe(None, fit, dataclasses.replace(c, max_epochs=res["epochs_run"], patience=100), CPU, seed=3,
+                        features=x, progress=False)  # fmt: skip
     assert last["best_epoch"] == res["best_epoch"] and last["auc"] == res["auc"]
-    w = linear_probe(None, None, y, tr, va, te, "binary", dataclasses.replace(c, max_epochs=res["epochs_run"],
-                     patience=100), CPU, seed=3, features=x, progress=False)  # fmt: skip
+    w = linear_probe(None, fittable, dataclasses.replace(c, max_epochs=res["epochs_run"], patience=100), CPU, seed=3,
+                     features=x, progress=False)  # fmt: skip
     assert w["best_epoch"] > res["best_epoch"]  # with fittable validation labels the search goes on
     assert w["auc"] != res["auc"]
 
 
 def test_same_seed_same_result_on_the_fly_with_augmentation():
     img, y = toy_images(30, seed=2)
-    tr, va, te = split(30)
+    data = task(y, "binary", images=img)
     c = cfg(augment=True, moco_aug=True, batch_size=6, max_epochs=2, eval_batch_size=16)
-    runs = [linear_probe(small_cnn(), img, y, tr, va, te, "binary", c, CPU, seed=s, progress=False) for s in (4, 4, 5)]
+    runs = [linear_probe(small_cnn(), data, c, CPU, seed=s, progress=False) for s in (4, 4, 5)]
     assert runs[0] == runs[1]
     assert runs[0]["auc"] != runs[2]["auc"] or runs[0]["best_valid_loss"] != runs[2]["best_valid_loss"]
     x, ym = separable("multiclass", n=120, d=32)
-    tr, va, te = split(120)
-    a, b = (linear_probe(None, None, ym, tr, va, te, "multiclass", cfg(max_epochs=5), CPU, seed=9, features=x,
-                         progress=False) for _ in range(2))  # fmt: skip
+    a, b = (linear_probe(None, task(ym, "multiclass"), cfg(max_epochs=5), CPU, seed=9, features=x, progress=False)
+            for _ in range(2))  # fmt: skip
     assert a == b
 
 
 def test_feature_cache_matches_on_the_fly_path():
     img, y = toy_images(60, seed=4)
-    tr, va, te = split(60)
+    data = task(y, "binary", images=img)
     c = cfg(batch_size=8, max_epochs=6, eval_batch_size=16, lr=5e-3)
     net = small_cnn(1)
     logs = {k: [] for k in ("cached", "given", "fly")}
-    cached = linear_probe(net, img, y, tr, va, te, "binary", c, CPU, seed=7, log=logs["cached"].append, progress=False)
+    cached = linear_probe(net, data, c, CPU, seed=7, log=logs["cached"].append, progress=False)
     feats = encode_features(net, img, np.arange(60), c, CPU, progress=False)
-    given = linear_probe(None, None, y, tr, va, te, "binary", c, CPU, seed=7, features=feats,
-                         log=logs["given"].append, progress=False)  # fmt: skip
-    fly = linear_probe(net, img, y, tr, va, te, "binary", c, CPU, seed=7, cache_features=False,
-                       log=logs["fly"].append, progress=False)  # fmt: skip
+    given = linear_probe(None, task(y, "binary"), c, CPU, seed=7, features=feats, log=logs["given"].append,
+                         progress=False)  # fmt: skip
+    fly = linear_probe(net, data, c, CPU, seed=7, cache_features=False, log=logs["fly"].append, progress=False)
     for other, name in ((given, "given"), (fly, "fly")):
         assert other["best_epoch"] == cached["best_epoch"] and other["epochs_run"] == cached["epochs_run"]
         assert other["auc"] == pytest.approx(cached["auc"], abs=1e-6)
@@ -300,18 +334,17 @@ def _same_run(got: dict, want: dict) -> None:
 def test_probe_over_seeds_is_the_mean_of_independent_probes(kind):
     x, y = separable(kind, n=160, d=64, seed=1)
     x += np.random.default_rng(2).normal(scale=4.0, size=x.shape).astype(np.float32)  # not perfectly separable
-    tr, va, te = split(len(y))
+    data = task(y, kind)
     c = cfg(max_epochs=30, patience=3, batch_size=16, lr=3e-2)
     seeds = [7, 3, 11, 20, 5]
     single_logs = [[] for _ in seeds]
-    single = [linear_probe(None, None, y, tr, va, te, kind, c, CPU, seed=s, features=x, log=single_logs[i].append,
-                           progress=False) for i, s in enumerate(seeds)]  # fmt: skip
+    single = [linear_probe(None, data, c, CPU, seed=s, features=x, log=single_logs[i].append, progress=False)
+              for i, s in enumerate(seeds)]  # fmt: skip
     # the heads stop at different epochs, so a stopped head leaving the batch is exercised
     assert len({r["epochs_run"] for r in single}) > 1 and min(r["epochs_run"] for r in single) < c.max_epochs
     history = []
-    got = probe_over_seeds(None, None, y, tr, va, te, kind, c, CPU, seeds, features=x, log=history.append,
-                           progress=False)  # fmt: skip
-    assert got["seeds"] == seeds and got["n_train"] == len(tr)
+    got = probe_over_seeds(None, data, c, CPU, seeds, features=x, log=history.append, progress=False)
+    assert got["seeds"] == seeds and got["n_train"] == len(data.train_rows)
     assert [r["seed"] for r in got["per_seed"]] == seeds
     for run, want in zip(got["per_seed"], single):
         _same_run({k: v for k, v in run.items() if k != "seed"}, want)
@@ -333,30 +366,29 @@ def test_probe_over_seeds_is_the_mean_of_independent_probes(kind):
 
 def test_probe_over_seeds_keeps_the_last_heads_when_validation_is_nan():
     x, y = separable("binary", n=120, d=32)
-    tr, va, te = split(len(y))
-    x[va[0]] = np.nan  # every validation loss is NaN: each probe stops after `patience` epochs, last head kept
+    data = task(y, "binary")
+    x[data.valid_rows[0]] = np.nan  # every validation loss NaN: each probe stops after `patience`, last head kept
     c = cfg(max_epochs=10, patience=3, batch_size=16)
-    single = [linear_probe(None, None, y, tr, va, te, "binary", c, CPU, seed=s, features=x, progress=False)
-              for s in (1, 2)]  # fmt: skip
+    single = [linear_probe(None, data, c, CPU, seed=s, features=x, progress=False) for s in (1, 2)]
     assert [r["epochs_run"] for r in single] == [3, 3] and math.isnan(single[0]["best_valid_loss"])
-    got = probe_over_seeds(None, None, y, tr, va, te, "binary", c, CPU, [1, 2], features=x, progress=False)
+    got = probe_over_seeds(None, data, c, CPU, [1, 2], features=x, progress=False)
     for run, want in zip(got["per_seed"], single):
         _same_run({k: v for k, v in run.items() if k != "seed"}, want)
 
 
 def test_probe_over_one_seed_is_that_probe_without_an_sd():
     x, y = separable("binary", n=120, d=64)
-    tr, va, te = split(len(y))
+    data = task(y, "binary")
     c = cfg(max_epochs=3)
-    one = linear_probe(None, None, y, tr, va, te, "binary", c, CPU, seed=5, features=x, progress=False)
-    got = probe_over_seeds(None, None, y, tr, va, te, "binary", c, CPU, [5], features=x, progress=False)
+    one = linear_probe(None, data, c, CPU, seed=5, features=x, progress=False)
+    got = probe_over_seeds(None, data, c, CPU, [5], features=x, progress=False)
     assert "auc_sd" not in got and got["per_seed"][0]["seed"] == 5
     _same_run({k: v for k, v in got["per_seed"][0].items() if k != "seed"}, one)
     assert got["auc"] == got["per_seed"][0]["auc"]
     with pytest.raises(ValueError, match="repeat"):
-        probe_over_seeds(None, None, y, tr, va, te, "binary", c, CPU, [5, 5], features=x, progress=False)
+        probe_over_seeds(None, data, c, CPU, [5, 5], features=x, progress=False)
     with pytest.raises(ValueError, match="at least one"):
-        probe_over_seeds(None, None, y, tr, va, te, "binary", c, CPU, [], features=x, progress=False)
+        probe_over_seeds(None, data, c, CPU, [], features=x, progress=False)
 
 
 def test_config_from_params_follows_finetune_cls():
@@ -365,8 +397,9 @@ def test_config_from_params_follows_finetune_cls():
     c = load().finetune.cls
     for augment in (False, True):
         p = dataclasses.replace(c, augment=augment)
-        for dataset in ("chexpert", "rsna", "covidx"):
-            got = ClassifyConfig.from_params(p, dataset, "bf16")
+        for dataset, pct in (("chexpert", 1), ("rsna", 10), ("covidx", 100)):
+            got = ClassifyConfig.from_params(p, dataset, pct, "bf16")
+            assert got == ClassifyConfig.from_params(p, dataset, 100, "bf16")  # the same for every fraction
             for name in ("lr", "weight_decay", "batch_size", "max_epochs", "patience", "crop", "upsample",
                          "augment", "eval_batch_size"):  # fmt: skip
                 assert getattr(got, name) == getattr(p, name), name

@@ -1,29 +1,31 @@
-"""Detection (mflag/finetune/detect.py): the metric against pycocotools, anchors and target assignment by
-hand, decoding + NMS, the loss's ignore rule, a frozen encoder and determinism of a tiny training run."""
+"""Detection (mflag/finetune/detect.py): the metric on hand-worked cases, anchors and target assignment by
+hand, decoding + NMS, the loss's ignore rule, the config from params, a frozen encoder and determinism of a
+tiny training run."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from mflag.finetune.data import TaskData
 from mflag.finetune.detect import (
+    YOLO_WIDTHS,
     DetectConfig,
     YoloDetector,
     assign_targets,
     build_detector,
+    coco_average_precisions,
+    coco_map,
     decode_and_nms,
-    mean_average_precision,
-    average_precisions,
     train_detector,
     yolo_anchors,
     yolo_loss,
 )
 from mflag.models import resnet50_trunk
+from mflag.params import DetectParams
 
 THRESHOLDS = tuple(np.round(np.arange(0.40, 0.7501, 0.05), 2))
 SMALL = (16, 32, 64)  # narrow neck widths for the training tests (YOLOv3's 128/256/512 are tested for shape)
@@ -35,42 +37,108 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def cfg_with(**kw) -> DetectConfig:
     base = dict(lr=1e-3, weight_decay=1e-6, batch_size=4, max_epochs=2, patience=10, input_size=64,
                 conf_threshold=0.5, nms_iou=0.5, iou_thresholds=THRESHOLDS, drop_empty_test=False,
-                eval_batch_size=8, precision="fp32")  # fmt: skip
+                eval_batch_size=8, precision="fp32", widths=SMALL)  # fmt: skip
     base.update(kw)
     return DetectConfig(**base)
 
 
-# ------------------------------------------------------------------------------------------- metric
-def coco_aps(preds, truths, thresholds):
-    """Per-threshold AP from pycocotools' COCOeval (single category, area all, maxDets large enough)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+def task_data(images, boxes, rows) -> TaskData:
+    """The TaskData of a detection test: images, boxes and (train, valid, test) rows."""
+    train, valid, test = (np.asarray(r, np.int64) for r in rows)
+    return TaskData(dataset="test", images=images, index=None, train_rows=train, valid_rows=valid, test_rows=test,
+                    boxes=boxes)  # fmt: skip
 
-    images, anns, results = [], [], []
-    for i, (p, g) in enumerate(zip(preds, truths)):
-        images.append({"id": i + 1})
-        for x1, y1, x2, y2 in g:
-            w, h = x2 - x1, y2 - y1
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "bbox": [x1, y1, w, h],
-                         "area": w * h, "iscrowd": 0})  # fmt: skip
-        for x1, y1, x2, y2, s in p:
-            results.append({"image_id": i + 1, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s})
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]}
-        gt.createIndex()
-        dt = gt.loadRes(results)
-        ev = COCOeval(gt, dt, "bbox")
-        ev.params.iouThrs = np.asarray(thresholds, np.float64)
-        ev.params.maxDets = [max(100, max(len(p) for p in preds))]
-        ev.params.areaRng = [[0, 1e10]]
-        ev.params.areaRngLbl = ["all"]
-        ev.params.useCats = 1
-        ev.evaluate()
-        ev.accumulate()
-    prec = ev.eval["precision"][:, :, 0, 0, 0]  # (T, R)
-    assert (prec > -1).all()
-    return prec.mean(1)
+
+def test_config_from_params():
+    c = DetectParams(lr={"rsna": {"pct1": 2e-4, "pct10": 5e-4, "pct100": 6e-4}},
+                     batch_size={"rsna": {"pct1": 8, "pct10": 16, "pct100": 32}}, weight_decay=1e-6, max_epochs=50,
+                     patience=10, input_size=224, conf_threshold=0.5, nms_iou=0.45, iou_thresholds=list(THRESHOLDS),
+                     drop_empty_test=True, neck_widths=[32, 64, 128], eval_batch_size=64)  # fmt: skip
+    cfg = DetectConfig.from_params(c, "rsna", 10, "bf16")
+    assert cfg == DetectConfig(lr=5e-4, weight_decay=1e-6, batch_size=16, max_epochs=50, patience=10, input_size=224,
+                               conf_threshold=0.5, nms_iou=0.45, iou_thresholds=THRESHOLDS, drop_empty_test=True,
+                               eval_batch_size=64, precision="bf16", widths=(32, 64, 128))  # fmt: skip
+    assert isinstance(cfg.iou_thresholds, tuple) and isinstance(cfg.widths, tuple)
+    cfg100 = DetectConfig.from_params(c, "rsna", 100, "fp32")
+    assert (cfg100.lr, cfg100.batch_size, cfg100.precision) == (6e-4, 32, "fp32")
+    assert cfg_with(widths=YOLO_WIDTHS).widths == (128, 256, 512)
+
+
+# ------------------------------------------------------------------------------------------- metric
+# Hand-worked COCO AP: detections of all images ranked by score, each matched greedily to the unmatched truth
+# of its image with the highest IoU >= the threshold; precision made non-increasing from the right; the mean
+# over the 101 recall points 0, 0.01, ..., 1 of the precision at the first rank reaching that recall (0 when
+# none does).
+G = np.array([[10, 10, 50, 50]], np.float64)
+HIT = np.array([[10, 10, 50, 50, 0.9]])
+NO_TRUTH = np.zeros((0, 4))
+NONE = np.zeros((0, 5))
+
+
+def test_map_perfect_box():
+    assert coco_map([HIT], [G], THRESHOLDS) == pytest.approx(1.0)
+    np.testing.assert_allclose(coco_average_precisions([HIT], [G], THRESHOLDS), np.ones(len(THRESHOLDS)))
+    # an image with neither truth nor prediction changes nothing
+    assert coco_map([HIT, NONE], [G, NO_TRUTH], THRESHOLDS) == pytest.approx(1.0)
+
+
+def test_map_missed_box():
+    # one of two truths found (the other image has no prediction): precision 1 up to recall 0.5 -> 51 points
+    assert coco_map([HIT, NONE], [G, G], THRESHOLDS) == pytest.approx(51 / 101)
+    # the same with both truths on one image
+    two = np.concatenate([G, G + 100])
+    assert coco_map([HIT], [two], THRESHOLDS) == pytest.approx(51 / 101)
+    # truths but no prediction anywhere: 0, not NaN
+    assert coco_map([NONE, NONE], [G, NO_TRUTH], THRESHOLDS) == 0.0
+
+
+def test_map_false_positive_ranked_first():
+    # on the truth's own image: ranks FP (p 0), TP (p 1/2, recall 1) -> precision 1/2 at every recall
+    fp_first = np.array([[100, 100, 140, 140, 0.95], [10, 10, 50, 50, 0.9]])
+    assert coco_map([fp_first], [G], THRESHOLDS) == pytest.approx(0.5)
+    # ranked last it costs nothing: precision 1 is reached at recall 1 before it
+    fp_last = np.array([[10, 10, 50, 50, 0.9], [100, 100, 140, 140, 0.5]])
+    assert coco_map([fp_last], [G], THRESHOLDS) == pytest.approx(1.0)
+    # a lower-scored duplicate of a found box is a false positive after the recall is complete
+    assert coco_map([np.concatenate([HIT, HIT * [1, 1, 1, 1, 0.5]])], [G], THRESHOLDS) == pytest.approx(1.0)
+
+
+def test_map_prediction_on_image_without_truth_and_drop_empty():
+    # image 2 has no truth: its prediction is a false positive ranked first; image 3's truth is missed.
+    # ranks FP (recall 0), TP (precision 1/2, recall 1/2) -> precision 1/2 at the 51 recall points <= 0.5
+    fp = np.array([[100, 100, 140, 140, 0.95]])
+    preds, truths = [HIT, fp, NONE], [G, NO_TRUTH, G]
+    assert coco_map(preds, truths, THRESHOLDS) == pytest.approx(0.5 * 51 / 101)
+    # drop_empty (the reference's filter) leaves only image 1
+    assert coco_map(preds, truths, THRESHOLDS, drop_empty=True) == pytest.approx(1.0)
+    # without the missed image, the false positive alone halves the AP
+    assert coco_map(preds[:2], truths[:2], THRESHOLDS) == pytest.approx(0.5)
+
+
+def test_map_iou_thresholds_and_greedy_matching():
+    # box shifted so that IoU = 30/50 = 0.6: matches at thresholds <= 0.6 (IoU >= threshold)
+    shifted = np.array([[20, 10, 60, 50, 0.8]])
+    np.testing.assert_allclose(coco_average_precisions([shifted], [G], THRESHOLDS),
+                               [1.0 if t <= 0.6 else 0.0 for t in THRESHOLDS], atol=1e-12)  # fmt: skip
+    # two truths; A (0.9) covers truth 1 with IoU 0.47, B (0.8) equals truth 1, C (0.7) equals truth 2.
+    # threshold <= 0.45: A takes truth 1, B finds it taken (FP), C TP: ranks p 1, 1/2, 2/3 at recall
+    #   1/2, 1/2, 1 -> precision 1 at the 51 points <= 0.5, 2/3 at the other 50;
+    # threshold >= 0.5: A is a FP, B and C TP: ranks p 0, 1/2, 2/3 -> 2/3 everywhere.
+    truths = [np.array([[0, 0, 100, 100], [200, 200, 300, 300]], np.float64)]
+    preds = [np.array([[0, 0, 100, 47, 0.9], [0, 0, 100, 100, 0.8], [200, 200, 300, 300, 0.7]])]
+    low = (51 + 50 * 2 / 3) / 101
+    np.testing.assert_allclose(coco_average_precisions(preds, truths, THRESHOLDS),
+                               [low if t <= 0.45 else 2 / 3 for t in THRESHOLDS], atol=1e-12)  # fmt: skip
+
+
+def test_map_no_truth_at_all_is_nan():
+    assert math.isnan(coco_map([HIT], [NO_TRUTH], THRESHOLDS))
+    assert np.isnan(coco_average_precisions([HIT, NONE], [NO_TRUTH, NO_TRUTH], THRESHOLDS)).all()
+    assert math.isnan(coco_map([], [], THRESHOLDS))
+    # drop_empty leaving no image (nothing predicted where there is truth): NaN as well
+    assert math.isnan(coco_map([NONE, HIT], [G, NO_TRUTH], THRESHOLDS, drop_empty=True))
+    with pytest.raises(ValueError):
+        coco_map([HIT], [G, G], THRESHOLDS)
 
 
 def random_case(rng: np.random.Generator, n_images: int = 14, round_scores: bool = False):
@@ -99,42 +167,24 @@ def random_case(rng: np.random.Generator, n_images: int = 14, round_scores: bool
     return preds, truths
 
 
-@pytest.mark.parametrize("seed,round_scores", [(0, False), (1, False), (2, True), (3, False), (4, True)])
-def test_map_matches_pycocotools(seed, round_scores):
+@pytest.mark.parametrize("seed,round_scores", [(0, False), (2, True)])
+def test_map_all_images_and_drop_empty(seed, round_scores):
+    """All images count (missed truths lower recall, predictions without truth are false positives);
+    drop_empty equals the metric of the images that have both a prediction and a truth."""
     preds, truths = random_case(np.random.default_rng(seed), round_scores=round_scores)
     assert any(len(p) == 0 and len(g) for p, g in zip(preds, truths))  # missed images
     assert any(len(p) and len(g) == 0 for p, g in zip(preds, truths))  # false positives only
     assert any(len(p) == 0 and len(g) == 0 for p, g in zip(preds, truths))
-    ours = average_precisions(preds, truths, THRESHOLDS)
-    ref = coco_aps(preds, truths, THRESHOLDS)
-    np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
-    assert mean_average_precision(preds, truths, THRESHOLDS) == pytest.approx(ref.mean(), abs=1e-6)
-    # drop_empty equals pycocotools on the images that have both a prediction and a truth
+    aps = coco_average_precisions(preds, truths, THRESHOLDS)
+    assert aps.shape == (len(THRESHOLDS),) and ((aps >= 0) & (aps <= 1)).all()
+    assert coco_map(preds, truths, THRESHOLDS) == pytest.approx(aps.mean(), abs=1e-12)
     keep = [i for i, (p, g) in enumerate(zip(preds, truths)) if len(p) and len(g)]
-    dropped = mean_average_precision(preds, truths, THRESHOLDS, drop_empty=True)
-    ref_kept = coco_aps([preds[i] for i in keep], [truths[i] for i in keep], THRESHOLDS)
-    assert dropped == pytest.approx(ref_kept.mean(), abs=1e-6)
-
-
-def test_map_hand_cases_and_drop_empty():
-    g = np.array([[10, 10, 50, 50]], np.float64)
-    hit = np.array([[10, 10, 50, 50, 0.9]])
-    fp = np.array([[100, 100, 140, 140, 0.95]])
-    none = np.zeros((0, 5))
-    assert mean_average_precision([hit], [g], THRESHOLDS) == pytest.approx(1.0)
-    # a missed image halves the recall: precision 1 up to recall 0.5 -> 51 of 101 recall points
-    assert mean_average_precision([hit, none], [g, g], THRESHOLDS) == pytest.approx(51 / 101)
-    # a higher-scored false positive on an image without truth
-    full = mean_average_precision([hit, fp, none], [g, np.zeros((0, 4)), g], THRESHOLDS)
-    dropped = mean_average_precision([hit, fp, none], [g, np.zeros((0, 4)), g], THRESHOLDS, drop_empty=True)
-    assert dropped == pytest.approx(1.0)
-    assert full < dropped
-    np.testing.assert_allclose(coco_aps([hit, fp, none], [g, np.zeros((0, 4)), g], THRESHOLDS).mean(), full, atol=1e-9)
-    # IoU just below / above a threshold: box shifted so IoU = 30/50 = 0.6
-    shifted = np.array([[20, 10, 60, 50, 0.8]])
-    aps = average_precisions([shifted], [g], THRESHOLDS)
-    np.testing.assert_allclose(aps, [1.0 if t <= 0.6 else 0.0 for t in THRESHOLDS], atol=1e-12)  # 0.6 >= 0.6 matches
-    assert math.isnan(mean_average_precision([hit], [np.zeros((0, 4))], THRESHOLDS))
+    kept = coco_map([preds[i] for i in keep], [truths[i] for i in keep], THRESHOLDS)
+    assert coco_map(preds, truths, THRESHOLDS, drop_empty=True) == pytest.approx(kept, abs=1e-12)
+    assert kept > coco_map(preds, truths, THRESHOLDS)  # the filter inflates the value
+    # images with neither truth nor prediction change nothing
+    both = [i for i, (p, g) in enumerate(zip(preds, truths)) if len(p) or len(g)]
+    assert coco_map([preds[i] for i in both], [truths[i] for i in both], THRESHOLDS) == pytest.approx(aps.mean())
 
 
 # ------------------------------------------------------------------------------ anchors and targets
@@ -205,7 +255,7 @@ def test_targets_decode_back_to_truths():
         assert len(d) == len(t)
         got = d[np.lexsort((d[:, 1], d[:, 0])), :4]
         np.testing.assert_allclose(got, t[np.lexsort((t[:, 1], t[:, 0]))], atol=1e-3)
-    assert mean_average_precision(dets, truths, THRESHOLDS) == pytest.approx(1.0)
+    assert coco_map(dets, truths, THRESHOLDS) == pytest.approx(1.0)
 
 
 def test_decode_and_nms():
@@ -270,15 +320,21 @@ def tiny_task():
     return state, images, boxes
 
 
+TINY_ROWS = (np.arange(8), np.arange(8, 12), np.arange(12, 16))
+
+
 def test_train_frozen_encoder_and_determinism(tiny_task):
     state, images, boxes = tiny_task
+    data = task_data(images, boxes, TINY_ROWS)
     before = {k: v.clone() for k, v in state.items()}
     cfg = cfg_with()
     logs = []
-    rows = (np.arange(8), np.arange(8, 12), np.arange(12, 16))
-    res = train_detector(state, images, boxes, *rows, cfg, "cpu", seed=7, log=logs.append, return_model=True,
-                         widths=SMALL)
+    res = train_detector(state, data, cfg, "cpu", seed=7, log=logs.append, return_model=True)
     assert res["epochs_run"] == 2 and len(logs) == 2 and res["n_train"] == 8
+    assert [rec["epoch"] for rec in logs] == [1, 2]  # once per epoch, numbered
+    assert all({"loss", "valid_map", "best", "seconds"} <= set(rec) for rec in logs)
+    assert set(res) == {"map", "map_per_iou", "best_epoch", "epochs_run", "n_train", "n_test", "n_test_scored",
+                        "valid_map", "feature_seconds", "train_images_per_second", "model"}  # fmt: skip
     assert 1 <= res["best_epoch"] <= 2 and len(res["map_per_iou"]) == len(THRESHOLDS)
     assert 0.0 <= res["map"] <= 1.0 and all(math.isfinite(v["loss"]) for v in logs)
     model = res["model"]
@@ -287,11 +343,13 @@ def test_train_frozen_encoder_and_determinism(tiny_task):
     for k, v in before.items():
         assert torch.equal(after[k], v), k  # weights and BN running statistics bit-identical
         assert torch.equal(state[k], v), k  # the caller's state untouched
+    head = model.head
+    assert [s[-1][0].out_channels for s in (head.set8, head.set16, head.set32)] == list(SMALL)  # cfg.widths
     fresh = build_detector(before, seed=7, widths=SMALL).head.state_dict()
     changed = [k for k, v in model.head.state_dict().items() if v.is_floating_point() and not torch.equal(v, fresh[k])]
     assert any(k.endswith("weight") for k in changed) and any("out" in k for k in changed)
 
-    res2 = train_detector(state, images, boxes, *rows, cfg, "cpu", seed=7, return_model=True, widths=SMALL)
+    res2 = train_detector(state, data, cfg, "cpu", seed=7, return_model=True)
     assert res2["map"] == res["map"] or (math.isnan(res2["map"]) and math.isnan(res["map"]))
     assert res2["map_per_iou"] == res["map_per_iou"] and res2["best_epoch"] == res["best_epoch"]
     for k, v in res2["model"].head.state_dict().items():
@@ -301,24 +359,5 @@ def test_train_frozen_encoder_and_determinism(tiny_task):
 def test_train_bf16_runs(tiny_task):
     state, images, boxes = tiny_task
     cfg = cfg_with(precision="bf16", max_epochs=1, drop_empty_test=True)
-    rows = (np.arange(8), np.arange(8, 12), np.arange(12, 16))
-    res = train_detector(state, images, boxes, *rows, cfg, "cpu", seed=1, widths=SMALL)
+    res = train_detector(state, task_data(images, boxes, TINY_ROWS), cfg, "cpu", seed=1)
     assert res["epochs_run"] == 1 and res["n_test"] == 4 and res["n_test_scored"] <= 4
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_nms_matches_torchvision(seed):
-    """Our greedy NMS against torchvision.ops.nms (the reference) on clustered random boxes."""
-    import torchvision
-
-    from mflag.finetune.detect import nms
-
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.rand(6, 2, generator=g) * 60
-    c = centres[torch.randint(0, 6, (300,), generator=g)] + torch.randn(300, 2, generator=g) * 3
-    wh = torch.rand(300, 2, generator=g) * 20 + 1
-    boxes = torch.cat([c - wh / 2, c + wh / 2], 1)
-    scores = torch.randperm(300, generator=g).float() / 300  # distinct scores: the kept order is unique
-    for thr in (0.3, 0.5, 0.7):
-        assert torch.equal(nms(boxes, scores, thr), torchvision.ops.nms(boxes, scores, thr))
-    assert nms(boxes[:0], scores[:0], 0.5).shape == (0,)

@@ -1,8 +1,11 @@
-"""The finetune@<job>-<pct>-<init> cells as DVC runs them, on the tiny corpus with a random-init encoder."""
+"""The finetune@<job>-<init> stages as DVC runs them, on the tiny corpus with a random-init encoder: each cell
+(job x fraction x init) trains on exactly its fraction, and one process running a job's three fractions gives
+the same results as three processes running one fraction each (the features they share change nothing)."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -13,7 +16,8 @@ import torch
 import yaml
 
 from mflag.distributed import resolve_precision
-from mflag.finetune.data import JOBS, load_task_data
+from mflag.finetune.data import load_task_data
+from mflag.jobs import JOBS
 from tests.conftest import REPO, deep_merge, run_stage
 
 TINY_FINETUNE = {
@@ -41,23 +45,23 @@ def _fraction_ids(wd, dataset: str, pct: int) -> list[str]:
 
 @pytest.mark.parametrize("job,pct,metric", [("cls_rsna", 1, "auc"), ("seg_siim", 10, "dice"), ("det_objcxr", 100, "map")])
 def test_cell_trains_on_exactly_its_fraction(workdir, job, pct, metric):
-    dataset = JOBS[job][1]
+    dataset = JOBS[job].dataset
     want = _fraction_ids(workdir, dataset, pct)
     assert want, f"the tiny corpus has no {pct}% rows for {dataset}"
     if pct < 100:  # nested and strictly smaller, so the count below distinguishes the fractions
         assert len(want) < len(_fraction_ids(workdir, dataset, 100))
-    data = load_task_data(workdir / "data/cache" / dataset, dataset, JOBS[job][0], pct)
+    data = load_task_data(workdir / "data/cache" / dataset, dataset, JOBS[job].task, pct)
     assert sorted(data.index["image_id"].iloc[data.train_rows]) == want
-    run_stage(workdir, sys.executable, str(REPO / "stages/finetune.py"), job, str(pct), "random")
+    run_stage(workdir, sys.executable, str(REPO / "stages/finetune.py"), job, "random", str(pct))
     out = json.loads((workdir / f"reports/finetune/{job}-{pct}-random/metrics.json").read_text())
     assert (out["job"], out["pct"], out["init"]) == (job, pct, "random")
     assert out["n_train"] == len(want)
     assert metric in out and (np.isnan(out[metric]) or 0.0 <= out[metric] <= 1.0)
-    assert out["params"]["seed"] == 42 and JOBS[job][0] in out["params"]["finetune"]
+    assert out["params"]["seed"] == 42 and JOBS[job].task in out["params"]["finetune"]
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     want_precision = resolve_precision(params["finetune"]["precision"], torch.device("cpu"), "finetune.precision")
     assert out["params"]["precision_used"] == want_precision
-    if JOBS[job][0] == "cls":  # several probes, seeds 42, 43, ...; the cell reports their mean
+    if JOBS[job].task == "cls":  # several probes, seeds 42, 43, ...; the cell reports their mean
         n = params["finetune"]["cls"]["seeds"]
         assert out["seeds"] == list(range(42, 42 + n)) and [r["seed"] for r in out["per_seed"]] == out["seeds"]
         values = [r[metric] for r in out["per_seed"]]
@@ -72,31 +76,36 @@ def test_cell_trains_on_exactly_its_fraction(workdir, job, pct, metric):
 
 
 def test_missing_imagenet_weights_fail_clearly(workdir):
-    proc = subprocess.run([sys.executable, str(REPO / "stages/finetune.py"), "cls_rsna", "1", "imagenet"],
+    proc = subprocess.run([sys.executable, str(REPO / "stages/finetune.py"), "cls_rsna", "imagenet"],
                           cwd=workdir, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": ""})  # fmt: skip
     assert proc.returncode != 0
     assert "models/imagenet/vision_encoder.safetensors" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bad_cell_arguments_print_usage(workdir):
-    proc = subprocess.run([sys.executable, str(REPO / "stages/finetune.py"), "cls_mimic", "5", "mflag"],
+    proc = subprocess.run([sys.executable, str(REPO / "stages/finetune.py"), "cls_mimic", "mflag", "5"],
                           cwd=workdir, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": ""})  # fmt: skip
     assert proc.returncode != 0 and "usage" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_dvc_stage_lists_every_cell_with_its_own_deps():
-    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["finetune"]
-    cells = stage["foreach"]
-    expected = {f"{job}-{pct}-{init}": {"job": job, "pct": pct, "init": init, "task": task, "dataset": dataset}
-                for job, (task, dataset) in JOBS.items() for pct in (1, 10, 100) for init in ("mflag", "random")}
-    assert cells == expected
-    do = stage["do"]
-    # a cell reads its own dataset's cache and its own task's params, nothing wider
-    assert "data/cache/${item.dataset}" in do["deps"] and "data/cache" not in do["deps"]
-    # some of the library modules a cell imports from outside mflag/finetune (tests/test_stage_deps.py
-    # checks all of them against what the cell actually loads)
-    assert {"mflag/models.py", "mflag/resnet.py", "mflag/optim.py", "mflag/augment.py"} <= set(do["deps"])
-    assert do["params"] == ["seed", "finetune.device", "finetune.precision", "finetune.${item.task}"]
-    # a random-init cell must not depend on pretraining: its encoder path is templated on the init
-    assert "models/${item.init}/vision_encoder.safetensors" in do["deps"]
-    assert not any(s in str(d) for d in do["deps"] for s in ("models/mflag", "pretrain", "embeddings"))
+def _cell_outputs(wd, job: str) -> dict[int, tuple[bytes, bytes]]:
+    out = {}
+    for pct in (1, 10, 100):
+        folder = wd / f"reports/finetune/{job}-{pct}-random"
+        live = b"".join(p.read_bytes() for p in sorted((folder / "live").rglob("*")) if p.is_file())
+        out[pct] = ((folder / "metrics.json").read_bytes(), live)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", ["cls_covidx", "seg_rsna", "det_rsna"])
+def test_one_process_for_the_three_fractions_equals_one_process_each(workdir, job):
+    """Reference: each fraction in a process of its own, which shares nothing with the other fractions."""
+    for pct in ("1", "10", "100"):
+        run_stage(workdir, sys.executable, str(REPO / "stages/finetune.py"), job, "random", pct)
+    separate = _cell_outputs(workdir, job)
+    proc = run_stage(workdir, sys.executable, str(REPO / "stages/finetune.py"), job, "random")
+    assert _cell_outputs(workdir, job) == separate
+    # progress: one line per epoch of each cell
+    for pct in (1, 10, 100):
+        assert re.search(rf"finetune {job}-{pct}-random epoch 1: ", proc.stdout), proc.stdout[-2000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,11 +99,17 @@ def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
     assert [r["epoch"] for r in history["epoch"]] == [1]  # started afresh
 
 
-def test_losses_fall_and_the_learning_rate_restarts(tmp_path):
+def test_losses_fall_and_the_learning_rate_restarts(tmp_path, capsys):
     data, cfg = tiny_data(64), tiny_config(epochs=6, restart_fraction=0.5, ortho_weight=0.1)
     history = train(tiny_model(), data, cfg, CPU1, tmp_path / "d.pt", "fp", progress=False)
     totals = [r["total"] for r in history["epoch"]]
     assert totals[-1] < totals[0]
+    # one progress line per epoch (also without the bar), with its losses and its time
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pretrain epoch")]
+    assert len(lines) == 6
+    for e, (line, rec) in enumerate(zip(lines, history["epoch"]), start=1):
+        assert line.startswith(f"pretrain epoch {e}/6: total {rec['total']:.4f} align {rec['align']:.4f} ")
+        assert re.search(r"\(\d+\.\d s, \d+\.\d img/s\)$", line), line
     lrs = [r["lr"] for r in history["step"]]
     assert lrs[0] == pytest.approx(cfg.lr)
     assert any(b > a for a, b in zip(lrs, lrs[1:]))  # a warm restart

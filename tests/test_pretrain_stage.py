@@ -58,6 +58,18 @@ def test_pretrain_outputs(pretrained):
     assert len(moved) > 100  # pretraining started from the random init (same seed) and moved it
     losses = pd.read_csv(pretrained / "reports/pretrain/losses.csv")
     assert list(losses.columns) == ["step", "epoch", "align", "ortho", "total", "lr"] and len(losses) >= 2
+    # the per-step curves DVCLive wrote (dvc.yaml's plots): one TSV per term with the rows of losses.csv,
+    # and metrics.json with the last values and step; nothing else in the folder (no dvc.yaml, no report)
+    live = pretrained / "reports/pretrain/live"
+    assert sorted(str(p.relative_to(live)) for p in live.rglob("*") if p.is_file()) == [
+        "metrics.json", *(f"plots/metrics/train/{k}.tsv" for k in ("align", "lr", "ortho", "total"))]
+    rows = pd.read_csv(pretrained / "reports/pretrain/losses.csv", dtype=str)
+    for k in ("align", "ortho", "total", "lr"):
+        expected = f"step\t{k}\n" + "".join(f"{step}\t{v}\n" for step, v in zip(rows["step"], rows[k]))
+        assert (live / f"plots/metrics/train/{k}.tsv").read_text() == expected, k
+    last = rows.iloc[-1]
+    summary = json.loads((live / "metrics.json").read_text())
+    assert summary == {"train": {k: float(last[k]) for k in ("align", "ortho", "total", "lr")}, "step": int(last["step"])}
     spectrum = pd.read_csv(pretrained / "reports/pretrain/spectrum.csv")
     assert (np.diff(spectrum["singular_value"]) <= 1e-9).all()
     run = json.loads((pretrained / "models/mflag/run.json").read_text())
@@ -83,9 +95,16 @@ def test_pretrain_seed_replaces_the_top_level_seed(pretrained, tmp_path):
     shutil.copytree(pretrained, wd, ignore=shutil.ignore_patterns("models", "reports", ".resume"))
     params["seed"], params["pretrain"]["seed"] = 7, 42
     (wd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run_stage(wd, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-              str(REPO / "stages/pretrain.py"))  # fmt: skip
+    proc = run_stage(wd, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                     str(REPO / "stages/pretrain.py"))  # fmt: skip
+    epochs = params["pretrain"]["epochs"]
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("pretrain epoch")]
+    assert [line.split(":")[0] for line in progress] == [f"pretrain epoch {e}/{epochs}" for e in range(1, epochs + 1)]
+    assert all(" img/s)" in line and " total " in line for line in progress)
     name = "models/mflag/vision_encoder.safetensors"
     assert (wd / name).read_bytes() == (pretrained / name).read_bytes()
+    # the curves too, byte for byte (no time stamps in DVCLive's files)
+    for path in sorted(p for p in (pretrained / "reports/pretrain/live").rglob("*") if p.is_file()):
+        assert (wd / path.relative_to(pretrained)).read_bytes() == path.read_bytes(), path.name
     run = json.loads((wd / "models/mflag/run.json").read_text())["params"]
     assert (run["seed"], run["pretrain"]["seed"], run["seed_used"]) == (7, 42, 42)

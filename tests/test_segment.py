@@ -1,21 +1,32 @@
-"""The shared segmenter: metric and loss against hand formulas, a frozen encoder, balancing, learning, determinism."""
+"""The shared segmenter: metric and loss against hand formulas, smp's U-Net on the frozen trunk, balancing,
+learning, determinism."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
+import segmentation_models_pytorch as smp
 import torch
 import torchvision
 
 from mflag.finetune import segment
+from mflag.finetune.data import TaskData
 from mflag.finetune.segment import SegmentConfig, dice_per_image, segmentation_loss, train_segmenter
 from mflag.models import resnet50_trunk
+from mflag.params import SegmentParams
 
 
 def _cfg(**kw) -> SegmentConfig:
     base = dict(lr=5e-4, weight_decay=0.05, batch_size=4, max_epochs=2, patience=10, input_size=32,
                 augment=True, balance=False, eval_batch_size=8, precision="fp32")
     return SegmentConfig(**{**base, **kw})
+
+
+def _task(images, masks, train, valid, test, dataset: str = "siim") -> TaskData:
+    return TaskData(dataset=dataset, images=images, index=pd.DataFrame(index=range(len(images))),
+                    train_rows=np.asarray(train), valid_rows=np.asarray(valid), test_rows=np.asarray(test),
+                    masks=masks)  # fmt: skip
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -90,19 +101,53 @@ def test_segmentation_loss_matches_formulas():
 
 # ------------------------------------------------------------------------------------------- model
 def test_build_unet_loads_and_rejects(trunk_state):
-    model = segment.build_unet(trunk_state)
+    with_fc = {**trunk_state, "fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)}  # ignored
+    model = segment.build_unet(with_fc)
+    assert isinstance(model, smp.Unet)
+    assert "fc.weight" in with_fc  # the caller's dict is not mutated (smp's loader pops fc keys)
     enc = model.encoder.state_dict()
     assert set(enc) == set(trunk_state)
     assert all(torch.equal(enc[k], trunk_state[k]) for k in enc)
     assert not any(p.requires_grad for p in model.encoder.parameters())
     assert all(p.requires_grad for p in model.decoder.parameters())
+    assert all(p.requires_grad for p in model.segmentation_head.parameters())
+    assert not model.encoder.training and not any(m.training for m in model.encoder.modules())
     model.train()
-    assert not model.encoder.training and model.decoder.training
+    assert not model.encoder.training and model.decoder.training and model.segmentation_head.training
+    assert not any(m.training for m in model.encoder.modules())
     bad = {k: v for k, v in trunk_state.items() if k != "layer1.0.conv1.weight"}
     bad["layer4.0.bn1.weight"] = torch.zeros(3)
     bad["extra.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"1 missing.*layer1\.0\.conv1\.weight.*1 unexpected.*extra.*1 with another shape"):
         segment.build_unet(bad)
+
+
+def test_encoder_computes_the_trunk(trunk_state):
+    """The names map to the same network: smp's deepest level, pooled, is the trunk's (B, 2048) output."""
+    model = segment.build_unet(trunk_state, (32, 16, 16, 8, 8))
+    trunk = resnet50_trunk()
+    trunk.load_state_dict(trunk_state)
+    trunk.eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        levels = model.encoder(x)
+        want = trunk(x)
+    assert [tuple(f.shape[1:]) for f in levels] == [(3, 64, 64), (64, 32, 32), (256, 16, 16), (512, 8, 8),
+                                                    (1024, 4, 4), (2048, 2, 2)]  # fmt: skip
+    torch.testing.assert_close(levels[-1].mean((2, 3)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_init_comes_from_the_seed(trunk_state):
+    def decoder_after(seed):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = segment.build_unet(trunk_state, (32, 16, 16, 8, 8))
+        return {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+
+    a, b, c = decoder_after(0), decoder_after(0), decoder_after(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["decoder.blocks.0.conv1.0.weight"], c["decoder.blocks.0.conv1.0.weight"])
+    assert torch.equal(a["segmentation_head.0.bias"], torch.zeros(1))  # smp's head init: Xavier, zero bias
 
 
 @pytest.mark.parametrize("precision,augment", [("fp32", True), ("bf16", True), ("fp32", False)])
@@ -118,7 +163,7 @@ def test_encoder_frozen_through_training(trunk_state, monkeypatch, precision, au
     monkeypatch.setattr(segment, "build_unet", capture)
     images, masks = _squares(8, 32, seed=1)
     before = {k: v.clone() for k, v in trunk_state.items()}
-    out = train_segmenter(trunk_state, images, masks, np.arange(4), np.arange(4, 6), np.arange(6, 8),
+    out = train_segmenter(trunk_state, _task(images, masks, np.arange(4), np.arange(4, 6), np.arange(6, 8)),
                           _cfg(max_epochs=2, precision=precision, augment=augment), "cpu", seed=0)
     assert out["epochs_run"] == 2 and out["best_epoch"] in (1, 2) and out["n_train"] == 4
     (model, init), = built
@@ -141,7 +186,7 @@ def test_balancing_keeps_every_positive(trunk_state, monkeypatch):
     rows = segment.balanced_rows(np.arange(13), masks, np.random.default_rng(0))
     assert len(rows) == 6 and {0, 1, 2} <= set(rows.tolist())
     assert len(set(rows.tolist())) == 6
-    out = train_segmenter(trunk_state, images, masks, np.arange(13), np.arange(13, 15), np.arange(15, 17),
+    out = train_segmenter(trunk_state, _task(images, masks, np.arange(13), np.arange(13, 15), np.arange(15, 17)),
                           _cfg(max_epochs=1, balance=True), "cpu", seed=3)
     assert out["n_train"] == 6
 
@@ -189,7 +234,7 @@ def test_early_stopping_tests_the_best_epoch(trunk_state, monkeypatch):
         snapshots[row["epoch"]] = {k: v.clone() for k, v in built[0].decoder.state_dict().items()}
 
     images, masks = _squares(8, 32, seed=6)
-    out = train_segmenter(trunk_state, images, masks, np.arange(4), np.arange(4, 6), np.arange(6, 8),
+    out = train_segmenter(trunk_state, _task(images, masks, np.arange(4), np.arange(4, 6), np.arange(6, 8)),
                           _cfg(max_epochs=6, patience=3, augment=False, lr=1e-2), "cpu", seed=0, log=log)
     assert out["epochs_run"] == 5 and out["best_epoch"] == 2
     final = built[0].decoder.state_dict()
@@ -199,12 +244,13 @@ def test_early_stopping_tests_the_best_epoch(trunk_state, monkeypatch):
 
 def test_toy_squares_learnable(trunk_state):
     images, masks = _squares(28, 32, seed=5, p_empty=0.1)
-    train, valid, test = np.arange(16), np.arange(16, 20), np.arange(20, 28)
+    data = _task(images, masks, np.arange(16), np.arange(16, 20), np.arange(20, 28))
     logs = []
     cfg = _cfg(lr=3e-3, weight_decay=0.0, batch_size=4, max_epochs=6, augment=False)
-    untrained = train_segmenter(trunk_state, images, masks, train, valid, test, _cfg(max_epochs=1, lr=0.0), "cpu", seed=0)
-    out = train_segmenter(trunk_state, images, masks, train, valid, test, cfg, "cpu", seed=0, log=logs.append)
-    assert len(logs) == out["epochs_run"]
+    untrained = train_segmenter(trunk_state, data, _cfg(max_epochs=1, lr=0.0), "cpu", seed=0)
+    out = train_segmenter(trunk_state, data, cfg, "cpu", seed=0, log=logs.append)
+    # one record per epoch, in order (the stage prints each as progress)
+    assert [row["epoch"] for row in logs] == list(range(1, out["epochs_run"] + 1))
     assert out["dice"] > 0.5 and out["dice"] > untrained["dice"] + 0.2, (out, untrained)
     assert logs[-1]["train_loss"] < logs[0]["train_loss"]
     assert out["best_epoch"] == 1 + int(np.argmin([row["valid_loss"] for row in logs]))
@@ -212,7 +258,7 @@ def test_toy_squares_learnable(trunk_state):
 
 def test_same_seed_same_result(trunk_state):
     images, masks = _squares(12, 32, seed=7, p_empty=0.5)
-    args = (trunk_state, images, masks, np.arange(8), np.arange(8, 10), np.arange(10, 12))
+    args = (trunk_state, _task(images, masks, np.arange(8), np.arange(8, 10), np.arange(10, 12)))
     cfg = _cfg(max_epochs=2, batch_size=2, augment=True, balance=True)
     runs = []
     for seed in (0, 0, 1):
@@ -249,3 +295,34 @@ def test_decoder_channels_are_used(trunk_state):
     assert model.decoder.blocks[0].conv1[0].out_channels == 64
     with pytest.raises(ValueError, match="decoder_channels"):
         _cfg(decoder_channels=(64, 32))
+    with pytest.raises(ValueError, match="multiple of 32"):  # smp's Unet does not check its input's sides
+        _cfg(input_size=48)
+
+
+def _seg_params(**kw) -> SegmentParams:
+    base = dict(lr=5e-4, weight_decay=0.05, batch_size={"siim": 8, "rsna": 16}, max_epochs=50, patience=10,
+                input_size=224, augment=True, balance=True, decoder_channels=[256, 128, 64, 32, 16],
+                eval_batch_size=64)  # fmt: skip
+    return SegmentParams(**{**base, **kw})
+
+
+def test_config_from_params():
+    c = _seg_params()
+    siim = SegmentConfig.from_params(c, "siim", 1, "bf16")
+    assert siim == SegmentConfig(lr=5e-4, weight_decay=0.05, batch_size=8, max_epochs=50, patience=10, input_size=224,
+                                 augment=True, balance=True, eval_batch_size=64, precision="bf16",
+                                 decoder_channels=(256, 128, 64, 32, 16))  # fmt: skip
+    assert SegmentConfig.from_params(c, "siim", 100, "bf16") == siim  # the same at every fraction
+    rsna = SegmentConfig.from_params(c, "rsna", 10, "fp32")
+    assert rsna.batch_size == 16 and not rsna.balance and rsna.precision == "fp32"  # only SIIM is balanced
+    assert not SegmentConfig.from_params(_seg_params(balance=False), "siim", 1, "fp32").balance
+    with pytest.raises(ValueError, match="batch_size has no entry for 'covidx'"):
+        SegmentConfig.from_params(c, "covidx", 1, "fp32")
+
+
+def test_task_without_masks_is_refused(trunk_state):
+    images, masks = _squares(6, 32, seed=0)
+    data = _task(images, masks, np.arange(2), np.arange(2, 4), np.arange(4, 6))
+    data.masks = None
+    with pytest.raises(ValueError, match="no masks"):
+        train_segmenter(trunk_state, data, _cfg(max_epochs=1), "cpu", seed=0)

@@ -96,3 +96,27 @@ def test_per_dataset_stages_load_only_their_own_reader():
     loaded = _loaded_files(tuple(_named_modules("stages/split.py") + ["mflag.data.rsna"]))
     readers = {f"mflag/data/{ds}.py" for ds in ("mimic", "chexpert", "rsna", "siim", "covidx", "objcxr")}
     assert loaded & readers == {"mflag/data/rsna.py"}
+
+
+def test_dvc_yaml_follows_the_job_table():
+    """dvc.yaml's fine-tune stages, their outputs and the fraction plots are the job table (mflag/jobs.py)
+    crossed with the inits and fractions; each stage reads only its own dataset's cache and task's params."""
+    from mflag.jobs import INITS, JOBS, PCTS
+
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    stage = STAGES["finetune"]
+    assert stage["foreach"] == {f"{j}-{i}": {"job": j, "init": i, "task": job.task, "dataset": job.dataset}
+                                for j, job in JOBS.items() for i in INITS}  # fmt: skip
+    do = stage["do"]
+    assert do["cmd"] == "python stages/finetune.py ${item.job} ${item.init}"
+    cells = [f"reports/finetune/${{item.job}}-{p}-${{item.init}}" for p in PCTS]
+    assert do["outs"] == [f"{c}/live" for c in cells] and do["metrics"] == [f"{c}/metrics.json" for c in cells]
+    assert "data/cache/${item.dataset}" in do["deps"] and "data/cache" not in do["deps"]
+    assert do["params"] == ["seed", "finetune.device", "finetune.precision", "finetune.${item.task}"]
+    # a random-init stage must not depend on pretraining: its encoder path is templated on the init
+    assert "models/${item.init}/vision_encoder.safetensors" in do["deps"]
+    assert not any(s in str(d) for d in do["deps"] for s in ("models/mflag", "pretrain", "embeddings"))
+    assert "reports/finetune" in STAGES["collate"]["deps"]  # every cell, whatever the table holds
+    fraction_plots = {next(iter(p)) for p in dvc_yaml["plots"] if isinstance(p, dict)
+                      and next(iter(p)).startswith("reports/plots/fraction/")}  # fmt: skip
+    assert fraction_plots == {f"reports/plots/fraction/{j}.csv" for j in JOBS}

@@ -3,7 +3,7 @@
 `dvc repro` on a tiny params profile; then `dvc exp run -S loss.ortho_weight=0.5` must re-run exactly
 pretrain, the -mflag cells and collate; `dvc metrics diff` must show pretrain and mflag keys moving and no
 random key; `dvc exp show`, `dvc params diff` and `dvc plots diff` must succeed. This runs the real dvc.yaml
-(all 42 cells) at toy sizes, so it takes several minutes.
+(all 14 fine-tune stages, 42 cells) at toy sizes, so it takes several minutes.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mflag.jobs import INITS, JOBS
 from tests.conftest import REPO, TINY_PRETRAIN, TINY_SYNTHETIC, deep_merge, repo_params_dict
 from tests.test_finetune_stage import TINY_FINETUNE
 
-JOBS = ("cls_chexpert", "cls_rsna", "cls_covidx", "seg_siim", "seg_rsna", "det_rsna", "det_objcxr")
-CELLS = [f"{job}-{pct}-{init}" for job in JOBS for pct in (1, 10, 100) for init in ("mflag", "random")]
+FINETUNE = [f"finetune@{job}-{init}" for job in JOBS for init in INITS]
+
+pytestmark = pytest.mark.slow
 
 
 def _run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -70,7 +72,7 @@ def test_review_workflow(repo):
     dvc = (sys.executable, "-m", "dvc")
     first = _run(repo, *dvc, "repro")
     assert {"synthesize", "embed_text", "pretrain", "init_random", "collate"} <= _ran(first.stdout)
-    assert {f"finetune@{c}" for c in CELLS} <= _ran(first.stdout)
+    assert set(FINETUNE) <= _ran(first.stdout)
     assert "Data and pipelines are up to date" in _run(repo, *dvc, "status").stdout
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert set(metrics) == set(JOBS) | {"pretrain"}
@@ -79,7 +81,7 @@ def test_review_workflow(repo):
 
     exp = _run(repo, *dvc, "exp", "run", "-S", "loss.ortho_weight=0.5")
     ran = _ran(exp.stdout)
-    want = {"pretrain", "collate"} | {f"finetune@{c}" for c in CELLS if c.endswith("-mflag")}
+    want = {"pretrain", "collate"} | {s for s in FINETUNE if s.endswith("-mflag")}
     assert ran == want, (sorted(ran - want), sorted(want - ran))
 
     diff = json.loads(_run(repo, *dvc, "metrics", "diff", "--json").stdout or "{}")

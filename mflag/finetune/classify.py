@@ -3,10 +3,12 @@
 Jobs ``cls_chexpert`` (5 labels, multi-label, BCE-with-logits, macro AUC), ``cls_rsna`` (1 label, BCE,
 AUC) and ``cls_covidx`` (3 classes, cross-entropy, accuracy). The whole encoder is frozen, batch-norm
 statistics included (``requires_grad_(False)`` and ``eval()`` at every step); only a linear layer
-``feature_dim -> classes`` is trained with AdamW. Early stopping on the validation loss (``patience`` epochs
-without a strict improvement); the test metrics are those of the head with the lowest validation loss.
+``feature_dim -> classes`` is trained with ``torch.optim.AdamW``. Early stopping on the validation loss
+(``patience`` epochs without a strict improvement); the test metrics are those of the head with the lowest
+validation loss. AUCs are scikit-learn's ``roc_auc_score``.
 
-Inputs are the uint8 cache ``(N, S, S)``. Training crops are random crops of side ``crop`` (with
+Inputs are a job's :class:`~mflag.finetune.data.TaskData`: the uint8 cache ``(N, S, S)``, the labels of all
+N rows (``kind``) and the rows of each split. Training crops are random crops of side ``crop`` (with
 ``augment``), plus for CheXpert (``moco_aug``) a MoCo-v2-style colour jitter, Gaussian blur and horizontal
 flip, all done batched on tensors; evaluation crops are centre crops. Pixels are normalised with
 mean = std = 0.5 and the crop is optionally upsampled (bilinear) to ``upsample`` pixels before the encoder.
@@ -35,11 +37,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as nnf
+from sklearn.metrics import roc_auc_score
 
 from mflag.augment import center_crop_normalize
-from mflag.optim import AdamW
 
 if TYPE_CHECKING:
+    from mflag.finetune.data import TaskData
     from mflag.params import ClassifyParams
 
 __all__ = [
@@ -48,7 +51,6 @@ __all__ = [
     "encode_features",
     "linear_probe",
     "probe_over_seeds",
-    "roc_auc",
     "macro_auc",
     "accuracy",
     "random_crop_normalize",
@@ -94,9 +96,10 @@ class ClassifyConfig:
             raise ValueError(f"ClassifyConfig.precision must be fp32 or bf16, got {self.precision!r}")
 
     @classmethod
-    def from_params(cls, c: ClassifyParams, dataset: str, precision: str) -> ClassifyConfig:
+    def from_params(cls, c: ClassifyParams, dataset: str, pct: int, precision: str) -> ClassifyConfig:
         """The config of a ``dataset``'s cells from ``finetune.cls``: MoCo-v2 photometric augmentation only
-        for CheXpert, and only with ``augment``; ``precision`` as resolved for the device."""
+        for CheXpert, and only with ``augment``; ``precision`` as resolved for the device. ``pct`` is unused
+        (the same for every fraction); it is there so that every evaluator's config is built one way."""
         return cls(lr=c.lr, weight_decay=c.weight_decay, batch_size=c.batch_size, max_epochs=c.max_epochs,
                    patience=c.patience, crop=c.crop, upsample=c.upsample, augment=c.augment,
                    moco_aug=c.augment and dataset == "chexpert", eval_batch_size=c.eval_batch_size,
@@ -104,43 +107,6 @@ class ClassifyConfig:
 
 
 # --------------------------------------------------------------------------------------------- metrics
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``x`` with ties given the mean of the ranks they span."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    # boundaries of runs of equal values in sorted order
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
-    ends = np.r_[starts[1:], len(xs)]  # exclusive
-    run_rank = (starts + 1 + ends) / 2.0  # mean of ranks starts+1 .. ends
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.repeat(run_rank, ends - starts)
-    return ranks
-
-
-def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve, via the Mann-Whitney U statistic with average ranks for ties.
-
-    ``y_true``: 0/1 (or boolean) labels; ``scores``: higher means more positive. Raises ValueError when
-    only one class is present (the AUC is undefined then).
-    """
-    y = np.asarray(y_true).reshape(-1)
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if y.shape != s.shape:
-        raise ValueError(f"roc_auc: {y.shape[0]} labels but {s.shape[0]} scores")
-    if np.isnan(s).any():
-        raise ValueError("roc_auc: scores contain NaN")
-    pos = y.astype(bool)
-    if not np.array_equal(y.astype(np.float64), pos.astype(np.float64)):
-        raise ValueError("roc_auc: labels must be 0/1")
-    n_pos = int(pos.sum())
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("roc_auc: only one class present in y_true; the AUC is undefined")
-    ranks = _average_ranks(s)
-    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
 def _defined(y: np.ndarray) -> bool:
     y = np.asarray(y).reshape(-1)
     return len(y) > 0 and 0 < int(np.asarray(y, dtype=bool).sum()) < len(y)
@@ -149,8 +115,9 @@ def _defined(y: np.ndarray) -> bool:
 def macro_auc(y_true: np.ndarray, scores: np.ndarray) -> tuple[float, list]:
     """Macro AUC over the columns of ``(N, K)`` labels / scores.
 
-    Returns ``(macro, per_label)``: ``per_label[k]`` is column k's AUC, or None where column k has a single
-    class (skipped from the mean). ``macro`` is NaN when every column is skipped.
+    Returns ``(macro, per_label)``: ``per_label[k]`` is column k's AUC (scikit-learn's ``roc_auc_score``;
+    ties count one half), or None where column k has a single class (skipped from the mean). ``macro`` is
+    NaN when every column is skipped.
     """
     y = np.asarray(y_true)
     s = np.asarray(scores)
@@ -160,7 +127,7 @@ def macro_auc(y_true: np.ndarray, scores: np.ndarray) -> tuple[float, list]:
         s = s[:, None]
     if y.shape != s.shape:
         raise ValueError(f"macro_auc: labels {y.shape} and scores {s.shape} differ")
-    per_label = [roc_auc(y[:, k], s[:, k]) if _defined(y[:, k]) else None for k in range(y.shape[1])]
+    per_label = [float(roc_auc_score(y[:, k], s[:, k])) if _defined(y[:, k]) else None for k in range(y.shape[1])]
     done = [a for a in per_label if a is not None]
     return (float(np.mean(done)) if done else float("nan")), per_label
 
@@ -359,7 +326,7 @@ def _metrics(kind: str, y: np.ndarray, logits: np.ndarray) -> dict:
         return {"auc": macro, "auc_per_label": per_label, "auc_skipped": [k for k, a in enumerate(per_label) if a is None]}
     if kind == "binary":
         y = y.reshape(-1)
-        return {"auc": roc_auc(y, logits.reshape(-1)) if _defined(y) else float("nan")}
+        return {"auc": float(roc_auc_score(y, logits.reshape(-1))) if _defined(y) else float("nan")}
     out = {"acc": accuracy(y, logits)}
     n_cls = logits.shape[1]
     prob = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
@@ -408,11 +375,13 @@ def _rows(*rows: np.ndarray) -> tuple[np.ndarray, ...]:
 
 
 def _probe_inputs(
-    labels: np.ndarray, rows: tuple[np.ndarray, ...], kind: str, features: np.ndarray | None, device: torch.device
+    data: TaskData, features: np.ndarray | None, device: torch.device
 ) -> tuple[tuple[np.ndarray, ...], tuple[torch.Tensor, ...], int]:
     """The checked train / valid / test rows, their targets on ``device`` and the number of outputs."""
-    rows = _rows(*rows)
-    y_all, n_out = _targets(labels, kind)
+    if data.labels is None:
+        raise ValueError(f"linear_probe: the task data of {data.dataset!r} has no labels (not a cls job)")
+    rows = _rows(data.train_rows, data.valid_rows, data.test_rows)
+    y_all, n_out = _targets(data.labels, data.kind)
     if features is not None and len(features) != len(y_all):
         raise ValueError(f"features has {len(features)} rows but labels {len(y_all)}: pass features of ALL rows")
     return rows, tuple(y_all[torch.from_numpy(r)].to(device) for r in rows), n_out
@@ -424,28 +393,25 @@ def _stored_features(features: np.ndarray, rows: np.ndarray, device: torch.devic
 
 def linear_probe(
     trunk: nn.Module | None,
-    images_u8: np.ndarray | None,
-    labels: np.ndarray,
-    train_rows: np.ndarray,
-    valid_rows: np.ndarray,
-    test_rows: np.ndarray,
-    kind: str,
+    data: TaskData,
     cfg: ClassifyConfig,
     device: torch.device | str,
     seed: int,
     features: np.ndarray | None = None,
     log: Callable[[dict], None] | None = None,
+    *,
     progress: bool = True,
     cache_features: bool = True,
     channels_last: bool = True,
 ) -> dict:
     """Train a linear head on the frozen ``trunk`` and return the test metrics of the best epoch.
 
-    ``kind``: "multilabel" (labels (N, K) 0/1), "binary" (labels (N,) or (N, 1) 0/1) or "multiclass"
-    (labels (N,) integer class ids); ``*_rows`` index the N images / labels. ``features``: optional
+    ``data.kind``: "multilabel" (labels (N, K) 0/1), "binary" (labels (N,) or (N, 1) 0/1) or "multiclass"
+    (labels (N,) integer class ids); ``data.*_rows`` index the N images / labels. ``features``: optional
     (N, D) features of ALL rows (as :func:`encode_features` gives), used when ``cfg.augment`` is False;
-    then ``trunk`` / ``images_u8`` may be None. ``cache_features=False`` forces the on-the-fly path even
-    without augmentation (same result as the cached path up to floating-point batching effects).
+    then ``trunk`` may be None and ``data.images`` is not read. ``cache_features=False`` forces the
+    on-the-fly path even without augmentation (same result as the cached path up to floating-point
+    batching effects).
     ``log``: called once per epoch with {"epoch", "train_loss", "valid_loss", "valid_metric"} (epochs
     count from 1).
 
@@ -453,8 +419,8 @@ def linear_probe(
     multilabel adds "auc_per_label" (None where a label has one class in test) and "auc_skipped".
     """
     device = torch.device(device)
-    rows, (y_train, y_valid, y_test), n_out = _probe_inputs(labels, (train_rows, valid_rows, test_rows), kind,
-                                                           features, device)  # fmt: skip
+    kind, images_u8 = data.kind, data.images
+    rows, (y_train, y_valid, y_test), n_out = _probe_inputs(data, features, device)
     train_rows, valid_rows, test_rows = rows
     on_the_fly = cfg.augment or not cache_features
     if trunk is not None:
@@ -478,7 +444,7 @@ def linear_probe(
     g_order = torch.Generator().manual_seed(seed + 1_000_003)
     g_aug = torch.Generator().manual_seed(seed + 2_000_006)
     head = _init_head(d_in, n_out, g_init).to(device)
-    opt = AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     best = {"loss": math.inf, "epoch": 0, "state": None}
     bad = 0
@@ -569,7 +535,9 @@ def _probe_heads(
     weight = nn.Parameter(torch.stack([h.weight.detach() for h in inits]).to(f_train.device))
     bias = nn.Parameter(torch.stack([h.bias.detach() for h in inits]).to(f_train.device))
     orders = [torch.Generator().manual_seed(s + 1_000_003) for s in seeds]
-    opt = AdamW([weight, bias], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # One optimizer, no state slicing: AdamW is element-wise and every active head steps once per batch,
+    # so a stopped head's rows (zero grads from then on, never read again) cannot change the others' numbers.
+    opt = torch.optim.AdamW([weight, bias], lr=cfg.lr, weight_decay=cfg.weight_decay)
     valid_elems = len(f_valid) * (y_valid.shape[1] if y_valid.dim() == 2 else 1)  # BCE's mean is over elements
 
     best_loss, best_epoch, bad = [math.inf] * heads, [0] * heads, [0] * heads
@@ -636,23 +604,19 @@ def _probe_heads(
 
 def probe_over_seeds(
     trunk: nn.Module | None,
-    images_u8: np.ndarray | None,
-    labels: np.ndarray,
-    train_rows: np.ndarray,
-    valid_rows: np.ndarray,
-    test_rows: np.ndarray,
-    kind: str,
+    data: TaskData,
     cfg: ClassifyConfig,
     device: torch.device | str,
     seeds: list[int],
     features: np.ndarray | None = None,
     log: Callable[[dict], None] | None = None,
+    *,
     progress: bool = True,
 ) -> dict:
     """:func:`linear_probe` once per seed in ``seeds``, on the same data; the cell reports the mean.
 
     With a handful of training images the probe's own seed (head init, batch order) moves a test AUC by
-    several points (README, "Fine-tuning"), so one run cannot rank two encoders whose difference is
+    several points (docs/design.md, "Linear probe"), so one run cannot rank two encoders whose difference is
     smaller than that. Returns the mean over seeds of each test metric (``auc``, ``acc``, and for
     multi-label ``auc_per_label``, None where every seed skipped the label), ``<metric>_sd`` (the sample
     standard deviation over seeds, with two seeds or more), ``n_train``, ``seeds`` and ``per_seed``: each
@@ -664,15 +628,15 @@ def probe_over_seeds(
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"probe_over_seeds: seeds repeat: {seeds}")
     seeds = [int(s) for s in seeds]
+    kind = data.kind
     if features is None and not cfg.augment and trunk is not None:  # one feature pass serves every seed
-        features = encode_features(trunk, images_u8, np.arange(len(labels)), cfg, device, progress)
+        features = encode_features(trunk, data.images, np.arange(len(data.images)), cfg, device, progress)
     if cfg.augment or features is None:  # each seed's training crops go through the encoder
-        results = [linear_probe(trunk, images_u8, labels, train_rows, valid_rows, test_rows, kind, cfg, device, s,
-                                features=features, log=log if i == 0 else None, progress=progress)
-                   for i, s in enumerate(seeds)]  # fmt: skip
+        results = [linear_probe(trunk, data, cfg, device, s, features=features, log=log if i == 0 else None,
+                                progress=progress) for i, s in enumerate(seeds)]  # fmt: skip
     else:  # cached features: the heads train together
         device = torch.device(device)
-        rows, y, n_out = _probe_inputs(labels, (train_rows, valid_rows, test_rows), kind, features, device)
+        rows, y, n_out = _probe_inputs(data, features, device)
         f = [_stored_features(features, r, device) for r in rows]
         results = _probe_heads(f[0], y[0], f[1], y[1], f[2], y[2], kind, n_out, cfg, seeds, log)
     runs = [{"seed": s, **r} for s, r in zip(seeds, results)]

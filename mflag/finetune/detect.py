@@ -23,37 +23,45 @@ by the batch size:
 
 Training. No augmentation and a frozen encoder: the three feature maps of every image are computed
 once (no grad, eval mode, channels_last, in the configured precision) and only the neck/head is
-trained on them, with AdamW; the validation mAP after every epoch selects the checkpoint and stops
+trained on them, with torch.optim.AdamW; the validation mAP after every epoch selects the checkpoint and stops
 training after `patience` epochs without improvement. Input: the uint8 cache resized bilinearly
 (antialiased when shrinking) to `input_size`, grey replicated to 3 channels, mean = std = 0.5; boxes
 are scaled with the image.
 
 Inference: score = sigmoid(objectness) x sigmoid(class); boxes with score > conf_threshold, clipped to
-the image, greedy NMS at nms_iou (torchvision.ops.nms's rule, written here so that a detection cell
-does not import torchvision), at most 100 per image.
+the image, greedy NMS at nms_iou (torchvision.ops.nms), at most 100 per image.
 
-Metric: the mean over `iou_thresholds` of COCO's single-class average precision (pycocotools'
-matching and 101-point interpolated precision, area "all", no crowd), over all test images. With
-``drop_empty`` the images with no prediction or no ground-truth box are left out first, as the
-reference code does (that inflates the value; kept only for comparison).
+Metric: the mean over `iou_thresholds` of COCO's single-class average precision, computed by
+pycocotools' COCOeval (greedy matching by score, 101-point interpolated precision, area "all", no
+crowd, no cap on detections per image) over all test images: an image with no prediction or no box
+still counts. With ``drop_empty`` the images with no prediction or no ground-truth box are left out
+first, as the reference code does (that inflates the value; kept only for comparison).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_iou, nms
 
-from mflag.models import resnet50_trunk
 from mflag.finetune.memo import FeatureMemo, no_memo
-from mflag.optim import AdamW
+from mflag.models import resnet50_trunk
+
+if TYPE_CHECKING:
+    from mflag.finetune.data import TaskData
+    from mflag.params import DetectParams
 
 STRIDES = (8, 16, 32)
 COCO_ANCHORS = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119), (116, 90), (156, 198), (373, 326))
@@ -81,6 +89,18 @@ class DetectConfig:
     drop_empty_test: bool  # the reference's inflated test mAP (images without prediction or truth dropped)
     eval_batch_size: int
     precision: str  # fp32 | bf16
+    widths: tuple[int, ...] = YOLO_WIDTHS  # the neck's widths at strides 8, 16, 32 (YOLOv3's by default)
+
+    @classmethod
+    def from_params(cls, c: DetectParams, dataset: str, pct: int, precision: str) -> DetectConfig:
+        """The config of a ``dataset``'s cell at data fraction ``pct`` (1, 10 or 100) from ``finetune.det``:
+        learning rate and batch size of that dataset and fraction; ``precision`` as resolved for the device."""
+        key = f"pct{pct}"
+        return cls(lr=c.lr[dataset][key], weight_decay=c.weight_decay, batch_size=c.batch_size[dataset][key],
+                   max_epochs=c.max_epochs, patience=c.patience, input_size=c.input_size,
+                   conf_threshold=c.conf_threshold, nms_iou=c.nms_iou, iou_thresholds=tuple(c.iou_thresholds),
+                   drop_empty_test=c.drop_empty_test, eval_batch_size=c.eval_batch_size, precision=precision,
+                   widths=tuple(c.neck_widths))  # fmt: skip
 
 
 def _autocast_dtype(precision: str) -> torch.dtype | None:
@@ -209,27 +229,6 @@ def _decode_boxes(raw: torch.Tensor, anchors: torch.Tensor, stride: int) -> torc
     return torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
 
 
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Greedy non-maximum suppression of (n, 4) x1, y1, x2, y2 boxes: the indices kept, by decreasing score.
-
-    A box is dropped when its IoU with a kept, higher-scoring box exceeds ``iou_threshold``
-    (the rule of torchvision.ops.nms; equal scores keep their input order)."""
-    order = torch.sort(scores, descending=True, stable=True).indices
-    b = boxes[order].cpu()
-    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = torch.maximum(b[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(b[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    over = (inter / (area[:, None] + area[None, :] - inter) > iou_threshold).numpy()  # NaN (empty boxes): False
-    dropped = np.zeros(len(order), bool)
-    keep = []
-    for i in range(len(order)):
-        if not dropped[i]:
-            keep.append(i)
-            dropped |= over[i]
-    return order[torch.as_tensor(keep, dtype=torch.long, device=order.device)]
-
-
 def decode_and_nms(outputs: Sequence[torch.Tensor], cfg: DetectConfig) -> list[np.ndarray]:
     """Raw maps -> per image an (n, 5) float32 array x1, y1, x2, y2, score (input pixels), best first."""
     anchors = yolo_anchors(cfg.input_size)
@@ -287,13 +286,12 @@ def assign_targets(
 
 
 def _pairwise_iou_batched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (B, N, 4), b (B, T, 4) x1y1x2y2 -> (B, N, T)."""
-    lt = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
-    rb = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
-    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
-    return inter / (area_a[:, :, None] + area_b[:, None, :] - inter).clamp(min=1e-12)
+    """a (B, N, 4), b (B, T, 4) x1y1x2y2 -> (B, N, T): torchvision's box_iou per image.
+
+    Why a wrapper: box_iou takes one (N, 4) x (T, 4) pair; flattening the batch would compute the B x B
+    cross-image blocks too. NaN (0 / 0, two empty boxes) becomes 0, so that it cannot hide a real overlap
+    in the max over truths."""
+    return torch.stack([box_iou(x, y) for x, y in zip(a, b)]).nan_to_num_(0.0)
 
 
 def yolo_loss(
@@ -337,84 +335,61 @@ def yolo_loss(
 
 
 # ------------------------------------------------------------------------------------------------ metric
-def _iou_matrix(d: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """(D, 4), (G, 4) x1y1x2y2 -> (D, G) IoU, float64 (COCO's bbox IoU, no crowd)."""
-    d, g = d.astype(np.float64), g.astype(np.float64)
-    iw = np.minimum(d[:, None, 2], g[None, :, 2]) - np.maximum(d[:, None, 0], g[None, :, 0])
-    ih = np.minimum(d[:, None, 3], g[None, :, 3]) - np.maximum(d[:, None, 1], g[None, :, 1])
-    inter = np.where((iw > 0) & (ih > 0), iw * ih, 0.0)
-    ad = (d[:, 2] - d[:, 0]) * (d[:, 3] - d[:, 1])
-    ag = (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1])
-    union = ad[:, None] + ag[None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(inter > 0, inter / union, 0.0)
-
-
-def average_precisions(
+def coco_average_precisions(
     preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], iou_thresholds: Sequence[float], drop_empty: bool = False
 ) -> np.ndarray:
-    """Per IoU threshold, COCO's single-class AP over all images (pycocotools' greedy matching by score,
-    101-point interpolated precision). preds: per image (n, 5) x1, y1, x2, y2, score; truths: per image
-    (m, 4). NaN where there is no truth box at all."""
+    """Per IoU threshold, COCO's single-class AP over all images, by pycocotools' COCOeval (area "all",
+    no crowd, 101 recall points, no cap on detections per image). preds: per image (n, 5) x1, y1, x2, y2,
+    score; truths: per image (m, 4). Every image counts, with or without boxes or predictions, unless
+    ``drop_empty`` (then only those with both). NaN where there is no truth box at all (pycocotools: -1)."""
     if len(preds) != len(truths):
         raise ValueError(f"{len(preds)} prediction lists for {len(truths)} images")
     thr = np.asarray(iou_thresholds, np.float64)
-    rec_thrs = np.linspace(0.0, 1.0, 101)
-    scores, tps, n_truth = [], [], 0
-    for p, g in zip(preds, truths):
+    images, gts, dts, max_dets = [], [], [], MAX_DETECTIONS
+    for image_id, (p, g) in enumerate(zip(preds, truths), start=1):
         p = np.asarray(p, np.float64).reshape(-1, 5)
         g = np.asarray(g, np.float64).reshape(-1, 4)
         if drop_empty and (len(p) == 0 or len(g) == 0):
             continue
-        n_truth += len(g)
-        if len(p) == 0:
-            continue
-        p = p[np.argsort(-p[:, 4], kind="mergesort")]
-        tp = np.zeros((len(thr), len(p)), bool)
-        if len(g):
-            ious = _iou_matrix(p[:, :4], g)
-            best_any = ious.max(1)
-            for ti, t in enumerate(thr):
-                matched = np.zeros(len(g), bool)
-                floor = min(t, 1 - 1e-10)
-                for di in np.flatnonzero(best_any >= floor):  # the others cannot match anything
-                    cand = np.where(matched, -1.0, ious[di])
-                    best = cand.max()
-                    if best < floor:
-                        continue
-                    gi = len(g) - 1 - int(np.argmax(cand[::-1] == best))  # ties: the last truth, as COCOeval
-                    matched[gi] = True
-                    tp[ti, di] = True
-                    if matched.all():
-                        break
-        scores.append(p[:, 4])
-        tps.append(tp)
-    if n_truth == 0:
+        images.append({"id": image_id})
+        max_dets = max(max_dets, len(p))
+        for x1, y1, x2, y2 in g.tolist():
+            w, h = x2 - x1, y2 - y1
+            gts.append({"id": len(gts) + 1, "image_id": image_id, "category_id": 1, "bbox": [x1, y1, w, h],
+                        "area": w * h, "iscrowd": 0})  # fmt: skip
+        for x1, y1, x2, y2, score in p.tolist():
+            w, h = x2 - x1, y2 - y1
+            dts.append({"id": len(dts) + 1, "image_id": image_id, "category_id": 1, "bbox": [x1, y1, w, h],
+                        "area": w * h, "iscrowd": 0, "score": score})  # fmt: skip
+    if not gts:
+        # pycocotools leaves precision at -1 when no image has a truth box (and refuses to accumulate an
+        # evaluation without images): no AP is defined
         return np.full(len(thr), np.nan)
-    if not scores:
-        return np.zeros(len(thr))
-    order = np.argsort(-np.concatenate(scores), kind="mergesort")
-    tp_all = np.concatenate(tps, 1)[:, order]
-    out = np.zeros(len(thr))
-    for ti in range(len(thr)):
-        tp_c = np.cumsum(tp_all[ti]).astype(np.float64)
-        fp_c = np.cumsum(~tp_all[ti]).astype(np.float64)
-        rc = tp_c / n_truth
-        pr = tp_c / (fp_c + tp_c + np.spacing(1))
-        pr = np.maximum.accumulate(pr[::-1])[::-1]  # precision envelope
-        idx = np.searchsorted(rc, rec_thrs, side="left")
-        q = np.zeros(len(rec_thrs))
-        ok = idx < len(pr)
-        q[ok] = pr[idx[ok]]
-        out[ti] = q.mean()
-    return out
+    categories = [{"id": 1, "name": "box"}]
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO and COCOeval print progress
+        coco_gt, coco_dt = COCO(), COCO()
+        # the results are built like the ground truth, not by COCO.loadRes, which fails on an empty list
+        # (an untrained head may predict nothing); the fields are loadRes's for boxes
+        coco_gt.dataset = {"images": images, "annotations": gts, "categories": categories}
+        coco_dt.dataset = {"images": images, "annotations": dts, "categories": categories}
+        coco_gt.createIndex()
+        coco_dt.createIndex()
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.params.iouThrs = thr
+        ev.params.maxDets = [max_dets]
+        ev.params.areaRng = [[0.0, 1e5**2]]
+        ev.params.areaRngLbl = ["all"]
+        ev.evaluate()
+        ev.accumulate()
+    precision = ev.eval["precision"][:, :, 0, 0, 0]  # (thresholds, 101 recall points)
+    return np.where((precision < 0).any(1), np.nan, precision.mean(1))
 
 
-def mean_average_precision(
+def coco_map(
     preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], iou_thresholds: Sequence[float], drop_empty: bool = False
 ) -> float:
-    """Mean over `iou_thresholds` of average_precisions (NaN when no image has a truth box)."""
-    return float(np.mean(average_precisions(preds, truths, iou_thresholds, drop_empty)))
+    """Mean over `iou_thresholds` of coco_average_precisions (NaN when no image has a truth box)."""
+    return float(np.mean(coco_average_precisions(preds, truths, iou_thresholds, drop_empty)))
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -484,36 +459,36 @@ def predict_features(
 
 def train_detector(
     trunk_state: dict,
-    images_u8: np.ndarray,
-    boxes: dict[int, np.ndarray],
-    train_rows: np.ndarray,
-    valid_rows: np.ndarray,
-    test_rows: np.ndarray,
+    data: TaskData,
     cfg: DetectConfig,
     device: torch.device | str,
     seed: int,
     log: Callable[[dict], None] | None = None,
     return_model: bool = False,
-    widths: Sequence[int] = YOLO_WIDTHS,
     memo: FeatureMemo | None = None,
 ) -> dict:
     """Train the YOLOv3 neck/head on the frozen trunk and score the test rows.
 
-    boxes: cache row -> (n, 4) x1, y1, x2, y2 in cache pixels (rows without boxes absent or empty).
+    Reads ``data.images`` ((N, S, S) uint8), ``data.boxes`` (cache row -> (n, 4) x1, y1, x2, y2 in cache
+    pixels; rows without boxes absent or empty) and ``data.train_rows``, ``valid_rows``, ``test_rows``.
     Returns {"map", "map_per_iou", "best_epoch", "epochs_run", "n_train", "n_test", "n_test_scored",
     "valid_map", "feature_seconds", "train_images_per_second"} (+ "model", on the CPU, with return_model).
     A trailing batch of a single image is dropped (train-mode batch norm on a 1x1 map cannot take it).
-    `widths`: the neck's widths (YOLOv3's by default; tests use narrower ones to stay fast).
+    `log`: called once per epoch with that epoch's record ("epoch", the mean losses, "valid_map", "best",
+    "seconds").
     `memo`: called as ``memo("valid" | "test", compute)``, may return a stored result of ``compute()`` (the
     frozen trunk's maps of that split, which every fraction of a job shares) instead of calling it.
     """
     device = torch.device(device)
     _autocast_dtype(cfg.precision)
-    train_rows, valid_rows, test_rows = (np.asarray(r, np.int64) for r in (train_rows, valid_rows, test_rows))
+    images_u8, boxes = data.images, data.boxes
+    train_rows, valid_rows, test_rows = (
+        np.asarray(r, np.int64) for r in (data.train_rows, data.valid_rows, data.test_rows)
+    )
     if len(train_rows) == 0:
         raise ValueError("detection: no training rows")
     scale = cfg.input_size / images_u8.shape[-1]
-    model = build_detector(trunk_state, seed, widths).to(device)
+    model = build_detector(trunk_state, seed, cfg.widths).to(device)
     head = model.head
     dtype = _autocast_dtype(cfg.precision)
 
@@ -525,7 +500,7 @@ def train_detector(
     train_truths = _scaled_truths(boxes, train_rows, scale)
     valid_truths = _scaled_truths(boxes, valid_rows, scale)
 
-    opt = AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_train = len(train_rows)
     best_map, best_epoch, best_state, waited, epochs_run = -math.inf, 0, copy.deepcopy(head.state_dict()), 0, 0
     best_valid_map = float("nan")
@@ -554,7 +529,7 @@ def train_detector(
         train_time += time.perf_counter() - te
         train_seen += seen
         valid_preds = predict_features(head, valid_feats, cfg, device)
-        valid_aps = average_precisions(valid_preds, valid_truths, cfg.iou_thresholds)
+        valid_aps = coco_average_precisions(valid_preds, valid_truths, cfg.iou_thresholds)
         valid_map = float(np.mean(valid_aps))
         epochs_run = epoch
         score = -1.0 if math.isnan(valid_map) else valid_map  # no validation box: the first epoch stays best
@@ -577,7 +552,7 @@ def train_detector(
     feature_seconds += time.perf_counter() - t1
     test_truths = _scaled_truths(boxes, test_rows, scale)
     test_preds = predict_features(head, test_feats, cfg, device)
-    aps = average_precisions(test_preds, test_truths, cfg.iou_thresholds, drop_empty=cfg.drop_empty_test)
+    aps = coco_average_precisions(test_preds, test_truths, cfg.iou_thresholds, drop_empty=cfg.drop_empty_test)
     n_scored = len(test_rows)
     if cfg.drop_empty_test:
         n_scored = sum(1 for p, g in zip(test_preds, test_truths) if len(p) and len(g))

@@ -1,9 +1,9 @@
 """The shared segmenter (MGCA protocol): a U-Net on a frozen ResNet-50 encoder, for `seg_siim` and `seg_rsna`.
 
-Model: MGCA's segmentation-models-pytorch ``Unet("resnet50", classes=1)``, as :class:`mflag.finetune.unet.Unet`
-(the same architecture, names and initialisation, without smp's import cost); its encoder is loaded strictly from a
-pretrained trunk (torchvision ResNet-50 key names, ``fc`` removed) and frozen: ``requires_grad_(False)``
-and kept in ``eval()`` (batch-norm statistics never move). Only the decoder and the head train.
+Model: MGCA's segmentation-models-pytorch ``Unet("resnet50", classes=1)``, built with smp itself; its encoder
+is loaded strictly from a pretrained trunk (torchvision ResNet-50 key names, ``fc`` removed) and frozen:
+``requires_grad_(False)`` and kept in ``eval()`` (batch-norm statistics never move). Only the decoder and
+the head train.
 
 Loss (MGCA's ``MixedLoss``): ``10 * focal(gamma 2) - log(soft Dice, smooth 1)``. AdamW, early stopping on
 the validation loss, the best epoch's decoder is tested. Metric: Dice per image at 0.5 on the sigmoid
@@ -21,16 +21,19 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+import segmentation_models_pytorch as smp
 import torch
 import torch.nn as nn
 import torch.nn.functional as nnf
 
-from mflag.finetune.unet import DECODER_CHANNELS, Unet
 from mflag.finetune.memo import FeatureMemo, no_memo
-from mflag.optim import AdamW
+
+if TYPE_CHECKING:
+    from mflag.finetune.data import TaskData
+    from mflag.params import SegmentParams
 
 __all__ = [
     "SegmentConfig",
@@ -49,6 +52,7 @@ FOCAL_WEIGHT = 10.0  # MGCA MixedLoss(alpha=10)
 FOCAL_GAMMA = 2.0
 DICE_SMOOTH = 1.0
 THRESHOLD = 0.5
+DECODER_CHANNELS = (256, 128, 64, 32, 16)  # smp's Unet default, as MGCA used it
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,19 @@ class SegmentConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"SegmentConfig.{name} must be >= 1, got {getattr(self, name)}")
 
+    @classmethod
+    def from_params(cls, c: SegmentParams, dataset: str, pct: int, precision: str) -> SegmentConfig:
+        """The config of one cell from ``finetune.seg``; ``pct`` is unused (the protocol's settings are the
+        same at every fraction; the evaluators share this signature)."""
+        if dataset not in c.batch_size:
+            raise ValueError(f"finetune.seg.batch_size has no entry for {dataset!r} (has {sorted(c.batch_size)})")
+        return cls(
+            lr=c.lr, weight_decay=c.weight_decay, batch_size=c.batch_size[dataset], max_epochs=c.max_epochs,
+            patience=c.patience, input_size=c.input_size, augment=c.augment,
+            balance=c.balance and dataset == "siim",  # only SIIM is balanced in MGCA's protocol
+            eval_batch_size=c.eval_batch_size, precision=precision, decoder_channels=tuple(c.decoder_channels),
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class ShiftScaleRotate:
@@ -92,26 +109,30 @@ MGCA_SSR = ShiftScaleRotate()
 
 # ------------------------------------------------------------------------------------------- model
 def build_unet(trunk_state: dict[str, torch.Tensor], decoder_channels: tuple[int, ...] = DECODER_CHANNELS) -> nn.Module:
-    """U-Net whose ResNet-50 encoder holds ``trunk_state`` exactly, frozen and in eval mode.
+    """smp's ``Unet("resnet50", classes=1)`` whose encoder holds ``trunk_state`` exactly, frozen and in eval mode.
 
     ``trunk_state``: a state dict of :func:`mflag.models.resnet50_trunk` (``fc`` keys, if any, are
     ignored: the encoder has no classifier). Any other missing / unexpected key or shape mismatch raises.
     The decoder and head are initialised from the global RNG (seed it around the call).
     """
-    model = Unet(tuple(decoder_channels))
+    model = smp.Unet(
+        encoder_name="resnet50", encoder_weights=None, in_channels=3, classes=1, activation=None,
+        decoder_channels=tuple(decoder_channels), decoder_attention_type=None,
+    )  # fmt: skip
     enc = model.encoder
-    state = {k: v for k, v in trunk_state.items() if not k.startswith("fc.")}
+    state = {k: v for k, v in trunk_state.items() if not k.startswith("fc.")}  # a copy: smp's loader pops keys
     want = enc.state_dict()
     missing = sorted(set(want) - set(state))
     unexpected = sorted(set(state) - set(want))
     bad_shape = sorted(k for k in set(want) & set(state) if tuple(want[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or bad_shape:
+    if missing or unexpected or bad_shape:  # checked here for one message naming all three
         raise ValueError(
             f"trunk state does not match the U-Net's ResNet-50 encoder: {len(missing)} missing {missing[:4]}, "
             f"{len(unexpected)} unexpected {unexpected[:4]}, {len(bad_shape)} with another shape {bad_shape[:4]}"
         )
     enc.load_state_dict(state, strict=True)
-    model.freeze_encoder()  # no gradients, and model.train() now leaves the encoder in eval mode
+    model.freeze_encoder()  # no gradients; model.train() now skips the encoder
+    enc.eval()  # smp's freeze sets only the norm layers to eval; the whole encoder is inference-only here
     return model
 
 
@@ -256,11 +277,7 @@ def _decoder_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def train_segmenter(
     trunk_state: dict[str, torch.Tensor],
-    images_u8: np.ndarray,
-    masks_u8: np.ndarray,
-    train_rows: np.ndarray,
-    valid_rows: np.ndarray,
-    test_rows: np.ndarray,
+    data: TaskData,
     cfg: SegmentConfig,
     device: torch.device | str,
     seed: int,
@@ -269,14 +286,19 @@ def train_segmenter(
 ) -> dict:
     """Fine-tune a U-Net decoder on a frozen encoder; test the epoch with the lowest validation loss.
 
-    ``images_u8``, ``masks_u8``: (N, S, S) uint8 cache arrays (masks 0/1), memory-mapped or not; the
-    ``*_rows`` index them. Returns ``{"dice", "best_epoch", "epochs_run", "n_train"}`` (epochs count
-    from 1; ``n_train`` after balancing). ``log`` receives one dict per epoch. ``memo``, called as
-    ``memo("valid" | "test", compute)``, may return a stored result of ``compute()`` (the frozen encoder's
-    features and the resized masks of that split, which every fraction of a job shares) instead of calling it.
+    Reads ``data.images`` and ``data.masks`` ((N, S, S) uint8, masks 0/1, memory-mapped or not) at
+    ``data.train_rows``, ``valid_rows`` and ``test_rows``. Returns ``{"dice", "best_epoch", "epochs_run",
+    "n_train"}`` (epochs count from 1; ``n_train`` after balancing). ``log`` receives one dict per epoch,
+    with its ``"epoch"``. ``memo``, called as ``memo("valid" | "test", compute)``, may return a stored result
+    of ``compute()`` (the frozen encoder's features and the resized masks of that split, which every
+    fraction of a job shares) instead of calling it.
     """
+    if data.masks is None:
+        raise ValueError(f"train_segmenter: the {data.dataset} task data has no masks")
+    images_u8, masks_u8 = data.images, data.masks
     device = torch.device(device)
-    train_rows = np.asarray(train_rows, dtype=np.int64)
+    train_rows = np.asarray(data.train_rows, dtype=np.int64)
+    valid_rows, test_rows = np.asarray(data.valid_rows), np.asarray(data.test_rows)
     if cfg.balance:
         train_rows = balanced_rows(train_rows, masks_u8, np.random.default_rng(seed))
     if len(train_rows) == 0 or len(valid_rows) == 0 or len(test_rows) == 0:
@@ -289,12 +311,12 @@ def train_segmenter(
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)  # order and augmentation, on the CPU
 
-    data = {
+    on_device = {
         name: (_to_device(images_u8, rows, device), _to_device(masks_u8, rows, device))
-        for name, rows in (("train", train_rows), ("valid", np.asarray(valid_rows)), ("test", np.asarray(test_rows)))
+        for name, rows in (("train", train_rows), ("valid", valid_rows), ("test", test_rows))
     }
 
     def autocast():
@@ -309,11 +331,11 @@ def train_segmenter(
     memo = memo or no_memo
 
     def encode(name: str):
-        return _encode(model, *data[name], cfg, channels_last)
+        return _encode(model, *on_device[name], cfg, channels_last)
 
     # the train rows depend on the fraction: never stored; valid and test go through the memo
     cached = {} if cfg.augment else {
-        name: (no_memo if name == "train" else memo)(name, lambda n=name: encode(n)) for name in data
+        name: (no_memo if name == "train" else memo)(name, lambda n=name: encode(n)) for name in on_device
     }
 
     def batch(split: str, idx: torch.Tensor | slice, augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,7 +344,7 @@ def train_segmenter(
             feats, masks = cached[split]
             with autocast():
                 return model.segmentation_head(model.decoder([f[idx] for f in feats])), masks[idx]
-        images, masks = data[split]
+        images, masks = on_device[split]
         x, m = _resize(images[idx], masks[idx], cfg.input_size)
         if augment:
             x, m = shift_scale_rotate(x, m, MGCA_SSR, gen)
@@ -332,7 +354,7 @@ def train_segmenter(
     def predict(split: str, batch_size: int):
         """(logits (B, 1, s, s), masks (B, 1, s, s)) batches of a split, in order."""
         model.eval()
-        for i in range(0, len(data[split][0]), batch_size):
+        for i in range(0, len(on_device[split][0]), batch_size):
             logits, m = batch(split, slice(i, i + batch_size), False)
             yield logits.float(), m
 
@@ -342,7 +364,7 @@ def train_segmenter(
         t0 = time.perf_counter()
         model.train()
         model.encoder.eval()  # frozen: batch-norm statistics stay those of the trunk
-        order = torch.randperm(len(data["train"][0]), generator=gen).to(device)
+        order = torch.randperm(len(on_device["train"][0]), generator=gen).to(device)
         loss_sum, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         for i in range(0, len(order), cfg.batch_size):
             logits, m = batch("train", order[i : i + cfg.batch_size], cfg.augment)
