@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
+
+# Reported floats keep this many significant digits, so that last-bit differences in linear algebra
+# (another BLAS path, another summation order) do not change a results file or its DVC hash.
+SIGNIFICANT_DIGITS = 10
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
@@ -14,6 +19,17 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
+
+
+def rounded(obj, digits: int = SIGNIFICANT_DIGITS):
+    """`obj` with every finite float rounded to `digits` significant digits, through dicts, lists and tuples."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else obj
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(rounded(v, digits) for v in obj)
+    return obj
 
 
 def write_json(path: str | Path, obj) -> None:
