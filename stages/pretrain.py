@@ -2,15 +2,17 @@
 
 Single process: `torchrun --standalone --nproc_per_node=1 stages/pretrain.py` (what dvc.yaml runs);
 several GPUs or nodes: see docs/gpu.md. Only rank 0 writes. A re-run after a kill resumes from the last
-finished epoch (.resume/pretrain.pt, outside DVC's outputs so DVC does not delete it).
+finished epoch (.resume/pretrain.pt, outside DVC's outputs so DVC does not delete it) and writes the bytes
+an uninterrupted run writes. A non-finite loss stops the run with one line naming the step and the loss
+terms, and no outputs.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import hashlib
-import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,16 +21,19 @@ import torch
 from mflag import distributed
 from mflag.augment import AugmentSpec
 from mflag.config import to_dict
-from mflag.io import atomic_write, open_live, write_json
+from mflag.io import atomic_write, open_live, rounded, write_json
 from mflag.models import MFLAG, VisionInitError, build_trunk, count_parameters, save_trunk
 from mflag.params import load_or_exit
-from mflag.pretrain import TrainConfig, evaluate, load_data, train
+from mflag.pretrain import (NonFiniteLoss, TrainConfig, checkpoint_bytes, evaluate, load_data,
+                            remove_stale_temporaries, train, write_reports)
 
 CACHE = Path("data/cache/mimic")
 EMBEDDINGS = Path("data/embeddings/mimic.npy")
 RESUME = Path(".resume/pretrain.pt")
 MODELS = Path("models/mflag")  # named after the init key the fine-tunes use
 REPORTS = Path("reports/pretrain")
+OUTPUTS = (MODELS / "vision_encoder.safetensors", MODELS / "checkpoint.pt", MODELS / "run.json",
+           REPORTS / "metrics.json", REPORTS / "losses.csv", REPORTS / "spectrum.csv")  # fmt: skip
 
 
 def _fingerprint(run_params: dict) -> str:
@@ -38,14 +43,6 @@ def _fingerprint(run_params: dict) -> str:
         h.update(hashlib.sha256(path.read_bytes()).digest())
     h.update(str((CACHE / "images.npy").stat().st_size).encode())
     return h.hexdigest()
-
-
-def _csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
 
 
 def main() -> None:
@@ -76,15 +73,26 @@ def main() -> None:
     data = load_data(CACHE, EMBEDDINGS)
     live = None
     if env.is_main:
+        for path in OUTPUTS:  # what a killed run's atomic writes left (the resume file's: in train)
+            remove_stale_temporaries(path)
         live = open_live(REPORTS / "live")  # per-step curves: plots/metrics/train/*.tsv, metrics.json
 
     def log(rec: dict) -> None:
         live.step = rec["step"]
         for k in ("align", "ortho", "total", "lr"):
-            live.log_metric(f"train/{k}", rec[k])
+            live.log_metric(f"train/{k}", rounded(rec[k]))  # as losses.csv writes them
         live.next_step()
 
-    history = train(model, data, cfg, env, RESUME, _fingerprint(run_params), log=log if live else None)
+    try:
+        history = train(model, data, cfg, env, RESUME, _fingerprint(run_params), log=log if live else None)
+    except NonFiniteLoss as err:
+        distributed.shutdown(env)
+        if not env.is_main:
+            sys.exit(1)
+        shutil.rmtree(REPORTS / "live", ignore_errors=True)  # the curves so far: no partial outputs
+        with contextlib.suppress(OSError):
+            REPORTS.rmdir()  # where it is empty now
+        sys.exit(f"error: pretrain: {err}")
     if env.is_main:
         metrics, spectrum = evaluate(model, data, p.crop, p.eval_batch_size, env.device)
         n_trunk, n_proj = count_parameters(model.encoder), count_parameters(model.proj_img) + count_parameters(model.proj_txt)
@@ -96,15 +104,11 @@ def main() -> None:
             "trainable_share": trainable / (trainable + frozen), "parameter_reduction": frozen / (trainable + frozen),
         }  # fmt: skip
         save_trunk(model.encoder, MODELS / "vision_encoder.safetensors", init="mflag")
-        buf = io.BytesIO()
-        torch.save({"model": model.state_dict(), "history": history, "params": run_params}, buf)
-        atomic_write(MODELS / "checkpoint.pt", buf.getvalue())
+        atomic_write(MODELS / "checkpoint.pt", checkpoint_bytes(model, history, run_params))
         # only the params this run reads (as dvc.yaml declares them, plus model.text through the
         # embeddings): with all of params.yaml, an unrelated edit would change this output on the next run
         write_json(MODELS / "run.json", {"params": run_params, "text_model": meta})
-        write_json(REPORTS / "metrics.json", report)
-        atomic_write(REPORTS / "losses.csv", _csv([{k: r[k] for k in ("step", "epoch", "align", "ortho", "total", "lr")} for r in history["step"]]))
-        atomic_write(REPORTS / "spectrum.csv", _csv([{"index": i, "singular_value": float(s)} for i, s in enumerate(spectrum)]))
+        write_reports(REPORTS, report, history, spectrum)
         live.end()
         RESUME.unlink(missing_ok=True)
         print(json.dumps(report, indent=1))

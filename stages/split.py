@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from mflag.data import LABEL_COLUMNS, reader
-from mflag.data.split import SplitSpec, assign_splits, write_split_csv
+from mflag.data.split import SplitSpec, assign_splits, check_splits_not_empty, write_split_csv
 from mflag.data.table import DataError, write_dropped_csv
 from mflag.params import DATASETS, load_or_exit
 
@@ -18,6 +18,7 @@ def main(dataset: str) -> None:
         table = reader(dataset)(Path(cfg.root))
         spec = SplitSpec(cfg.valid_fraction, cfg.test_fraction, label_columns=LABEL_COLUMNS[dataset])
         split, dropped = assign_splits(table.rows, spec, params.seed)
+        check_splits_not_empty(split, table, dropped, spec, dataset)
     except DataError as err:
         sys.exit(f"error: split {dataset}: {err}")
     out = Path("data/splits")

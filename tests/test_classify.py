@@ -14,6 +14,7 @@ import torch.nn as nn
 from torchvision.transforms import functional as TF
 
 from mflag.augment import center_crop_normalize
+from mflag.finetune.checks import SubsetCheck, SubsetError, cell_record, check_subsets
 from mflag.finetune.classify import (
     ClassifyConfig,
     _gaussian_blur,
@@ -405,3 +406,126 @@ def test_config_from_params_follows_finetune_cls():
                 assert getattr(got, name) == getattr(p, name), name
             assert got.precision == "bf16"
             assert got.moco_aug is (augment and dataset == "chexpert")  # MoCo-v2 jitter: CheXpert's protocol only
+
+
+# ------------------------------------------------------------------------- subsets with a single class
+def _strict(record: dict) -> dict:
+    """The record through strict JSON, as mflag.io.write_json writes it and collate reads it."""
+    import json
+
+    def reject(token):
+        raise AssertionError(f"{token} written")
+
+    return json.loads(json.dumps(record, allow_nan=False), parse_constant=reject)
+
+
+@pytest.mark.parametrize("kind", ["binary", "multilabel"])
+def test_a_train_subset_without_positives_stops_the_cell(kind):
+    """Nothing can be learned without a positive (RSNA with every Target 0): the cell stops, and the message
+    names the subset and the fraction (the stage adds the cell's name)."""
+    _, y = separable(kind, n=60, d=16)
+    tr, _, _ = split(len(y))
+    y[tr] = 0  # multi-label: every label column 0 in train
+    with pytest.raises(SubsetError, match=rf"the train subset at 10% \({len(tr)} rows\) has a single class .*: "
+                                          "nothing can be learned from it"):  # fmt: skip
+        check_subsets(task(y, kind), "cls", 10)
+    if kind == "multilabel":  # one label column without a positive is not enough to stop: that label is skipped
+        _, y = separable(kind, n=60, d=16)
+        y[tr, 2] = 0
+        assert check_subsets(task(y, kind), "cls", 10) == SubsetCheck()
+
+
+@pytest.mark.parametrize("kind", ["binary", "multiclass", "multilabel"])
+def test_a_train_subset_of_one_class_with_positives_runs_with_a_warning(kind):
+    """Positives only, or one class of three: what the 1 % subset of a small corpus gives (the split keeps a
+    positive in every fraction, docs/contracts.md), so the cell runs and says that its metric says little."""
+    x, y = separable(kind, n=60, d=16)
+    tr, _, _ = split(len(y))
+    y[tr] = 1  # multi-label: every label column 1 in train
+    data = task(y, kind)
+    check = check_subsets(data, "cls", 1)
+    assert check.not_evaluable is None
+    assert check.warnings == [f"the train subset at 1% ({len(tr)} rows) has a single class "
+                              + ("in every label (label 0 1, label 1 1, label 2 1, label 3 1, label 4 1)"
+                                 if kind == "multilabel" else "(every label is 1)")
+                              + ": the head sees no other class, so its test metric says little"]  # fmt: skip
+    result = probe_over_seeds(None, data, cfg(max_epochs=2), CPU, [1], features=x, progress=False)
+    record = _strict(cell_record(result, "acc" if kind == "multiclass" else "auc"))
+    assert record["n_train"] == len(tr) and "not_evaluable" not in record
+
+
+def test_single_class_messages_name_the_dataset_labels():
+    y = np.zeros((30, 5), np.float32)
+    y[:18:2] = 1  # train holds both classes
+    y[24:, 1] = 1  # test: every column one value, Cardiomegaly all 1
+    data = dataclasses.replace(task(y, "multilabel"), dataset="chexpert")
+    got = check_subsets(data, "cls", 1).not_evaluable
+    assert got == ("the test subset (6 rows) has a single class in every label (Atelectasis 0, Cardiomegaly 1, "
+                   "Consolidation 0, Edema 0, Pleural Effusion 0): AUC needs both classes")  # fmt: skip
+    y = np.zeros(30, np.int64)
+    y[:18:3] = 2
+    data = dataclasses.replace(task(y, "multiclass"), dataset="covidx")
+    check = check_subsets(data, "cls", 100)
+    assert check.not_evaluable is None  # accuracy is defined on one class
+    assert [w.split(":")[0] for w in check.warnings] == [
+        "the valid subset (6 rows) has a single class (every label is normal)",
+        "the test subset (6 rows) has a single class (every label is normal)",
+    ]
+
+
+@pytest.mark.parametrize("kind", ["binary", "multilabel", "multiclass"])
+def test_a_test_subset_with_one_class_makes_the_auc_not_evaluable(kind):
+    """The probe runs (the valid subset picks the epoch); AUC is undefined on one class, so the cell writes it
+    as null with the reason, and no NaN anywhere. Accuracy (COVIDx) is defined on one class: it is kept."""
+    x, y = separable(kind, n=120, d=32)
+    y = y.copy()
+    _, _, te = split(len(y))
+    y[te] = 0
+    data = task(y, kind)
+    check = check_subsets(data, "cls", 1)
+    result = probe_over_seeds(None, data, cfg(max_epochs=5), CPU, [1, 2], features=x, progress=False)
+    record = _strict(cell_record(result, "acc" if kind == "multiclass" else "auc", check.not_evaluable))
+    if kind == "multiclass":
+        assert check.not_evaluable is None and "not_evaluable" not in record
+        assert 0.0 <= record["acc"] <= 1.0 and "auc" not in record  # one-vs-rest AUC skipped, as before
+        assert check.warnings and "test subset (24 rows) has a single class" in check.warnings[0]
+        return
+    assert record["auc"] is None and record["auc_sd"] is None
+    assert record["not_evaluable"] == check.not_evaluable
+    assert check.not_evaluable.startswith("the test subset (24 rows) has a single class")
+    assert check.not_evaluable.endswith("AUC needs both classes") and not check.warnings
+    assert [r["auc"] for r in record["per_seed"]] == [None, None]
+    if kind == "multilabel":
+        assert record["auc_per_label"] == [None] * 5  # each label undefined, skipped as before
+
+
+def test_a_multilabel_test_label_with_one_class_is_skipped_and_the_macro_auc_kept():
+    x, y = separable("multilabel", n=120, d=32)
+    _, _, te = split(len(y))
+    y[te, 3] = 1
+    data = task(y, "multilabel")
+    check = check_subsets(data, "cls", 1)
+    assert check.not_evaluable is None and not check.warnings
+    record = _strict(cell_record(probe_over_seeds(None, data, cfg(max_epochs=5), CPU, [1, 2], features=x,
+                                                  progress=False), "auc", check.not_evaluable))  # fmt: skip
+    per_label = record["auc_per_label"]
+    assert per_label[3] is None and all(a is not None for k, a in enumerate(per_label) if k != 3)
+    assert record["auc"] == pytest.approx(np.mean([a for a in record["auc_per_label"] if a is not None]))
+    assert "not_evaluable" not in record
+
+
+def test_a_valid_subset_with_one_class_runs_with_a_warning():
+    """The validation loss that picks the epoch is defined on one class; the logged AUC is not (NaN in the log,
+    which the stage leaves out of live/)."""
+    x, y = separable("binary", n=120, d=32)
+    _, va, _ = split(len(y))
+    y[va] = 1
+    data = task(y, "binary")
+    check = check_subsets(data, "cls", 100)
+    assert check.not_evaluable is None
+    assert check.warnings == ["the valid subset (24 rows) has a single class (every label is 1): the epoch is picked "
+                              "on the validation loss of that class alone"]  # fmt: skip
+    log = []
+    record = _strict(cell_record(probe_over_seeds(None, data, cfg(max_epochs=3), CPU, [1], features=x, log=log.append,
+                                                  progress=False), "auc"))  # fmt: skip
+    assert 0.5 < record["auc"] <= 1.0 and all(math.isnan(h["valid_metric"]) for h in log)

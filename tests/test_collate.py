@@ -118,7 +118,7 @@ def test_metrics_keys_and_values(tmp_path):
     expected |= {f"pretrain.{k}" for k in PRETRAIN}
     assert set(flat) == expected  # no n_train, best_epoch, map_per_iou, history
     for (j, p, i), v in cells.items():
-        assert flat[f"{j}.{i}.pct{p}.{JOB_METRIC[j]}"] == v  # fractions, as the cells wrote them
+        assert flat[f"{j}.{i}.pct{p}.{JOB_METRIC[j]}"] == float(f"{v:.10g}")  # fractions, 10 significant digits
     assert flat["pretrain.params_total"] == 55410624 and flat["pretrain.parameter_reduction"] == 0.41
 
 
@@ -198,7 +198,7 @@ def test_missing_cells_render_as_dashes(tmp_path):
     assert "seg_siim.mflag.pct1.dice" not in metrics and "seg_siim.mflag.pct10.dice" in metrics
     frac = pd.read_csv(out / "plots/fraction/seg_siim.csv").set_index("pct")
     assert list(frac.columns) == ["mflag", "random"] and pd.isna(frac.loc[1, "mflag"])
-    assert frac.loc[10, "mflag"] == cells[("seg_siim", 10, "mflag")]
+    assert frac.loc[10, "mflag"] == float(f"{cells[('seg_siim', 10, 'mflag')]:.10g}")
 
 
 def _claim(text: str, letter: str) -> str:
@@ -247,6 +247,24 @@ def test_outputs_are_byte_identical_across_runs(tmp_path):
     assert runs[0]["plots/fraction.png"].startswith(b"\x89PNG") and b"matplotlib" not in runs[0]["plots/fraction.png"]
 
 
+def test_values_that_differ_in_the_15th_digit_write_the_same_bytes(tmp_path):
+    """Cells and pretraining metrics as another BLAS would write them (last bits moved): every output, tables
+    in percent with one decimal included, is byte-identical, and the fractions carry 10 significant digits."""
+    cells = all_cells(("mflag", "random", "imagenet"), seed=5)
+    moved = {k: v * (1 + 4e-15) for k, v in cells.items()}
+    assert all(moved[k] != v for k, v in cells.items())
+    pretrain_moved = {k: v * (1 + 4e-15) if isinstance(v, float) else v for k, v in PRETRAIN.items()}
+    runs = []
+    for name, values, pre in (("one", cells, PRETRAIN), ("two", moved, pretrain_moved)):
+        out = collated(make_project(tmp_path / name, values, pre))
+        runs.append({p: (out / p).read_bytes() for p in OUTPUTS})
+    assert runs[0] == runs[1]
+    frac = runs[0]["plots/fraction/cls_rsna.csv"].decode().splitlines()[1].split(",")
+    assert frac[1] == repr(float(f"{cells[('cls_rsna', 1, 'mflag')]:.10g}"))
+    _, md = md_rows(runs[0]["tables/detection.md"].decode())
+    assert md["M-FLAG"][0].strip("*") == f"{100 * cells[('det_rsna', 1, 'mflag')]:.1f}"  # unrounded value, 1 decimal
+
+
 def test_missing_pretrain_metrics_exits_with_the_file_name(tmp_path):
     root = make_project(tmp_path, all_cells())
     (root / "reports/pretrain/metrics.json").unlink()
@@ -276,17 +294,90 @@ def test_pretraining_table():
     assert "| parameters | total | 55,410,624 |" in tables["md"]
 
 
-def test_undefined_metric_reads_as_missing(tmp_path):
-    """A cell whose metric is NaN (AUC on a test set with one class) is left out, not an error."""
-    from mflag.collate import read_cells
+def _stage(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "stages/collate.py")], cwd=root, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})  # fmt: skip
 
-    cell = tmp_path / "cls_rsna-1-mflag"
-    cell.mkdir()
-    (cell / "metrics.json").write_text('{"job": "cls_rsna", "pct": 1, "init": "mflag", "auc": NaN}')
-    other = tmp_path / "cls_rsna-10-mflag"
-    other.mkdir()
-    (other / "metrics.json").write_text('{"job": "cls_rsna", "pct": 10, "init": "mflag", "auc": 0.75}')
-    assert read_cells(tmp_path) == {("cls_rsna", 10, "mflag"): 0.75}
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_a_nan_token_in_a_cell_is_rejected_with_the_file_named(tmp_path, token):
+    """Python's json reads NaN and Infinity by default; a cell file is strict JSON, so collate refuses them."""
+    root = make_project(tmp_path, all_cells())
+    path = root / "reports/finetune/cls_rsna-1-mflag/metrics.json"
+    path.write_text('{"job": "cls_rsna", "pct": 1, "init": "mflag", "auc": %s}' % token)
+    with pytest.raises(collate.CollateError, match=f"cls_rsna-1-mflag/metrics.json: `{token}` is not valid JSON"):
+        collate.read_cells(root / "reports/finetune")
+    if token == "NaN":
+        proc = _stage(root)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert "reports/finetune/cls_rsna-1-mflag/metrics.json" in proc.stderr and "NaN" in proc.stderr
+        assert not (root / "reports/metrics.json").exists()
+
+
+def test_a_null_metric_needs_its_reason(tmp_path):
+    root = make_project(tmp_path, all_cells())
+    path = root / "reports/finetune/det_rsna-10-random/metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "map": None}))
+    with pytest.raises(collate.CollateError, match="det_rsna-10-random.*`map` is null without a `not_evaluable`"):
+        collate.read_cells(root / "reports/finetune")
+
+
+NO_POSITIVE = "the test subset (6 rows) has a single class (every target is 0): AUC needs both classes"
+NO_BOX = "the test subset (6 rows) has no box: mAP needs a truth box"
+
+
+def test_a_metric_not_evaluable_is_na_in_the_tables_null_in_metrics_and_not_evaluable_in_claims(tmp_path):
+    cells = all_cells()
+    root = make_project(tmp_path, cells)
+    na = {("cls_rsna", 1, "mflag"): NO_POSITIVE, ("det_rsna", 100, "random"): NO_BOX,
+          ("seg_rsna", 1, "mflag"): "the evaluator returned nan for dice on the test subset"}  # fmt: skip
+    for (job, pct, init), reason in na.items():
+        path = root / f"reports/finetune/{job}-{pct}-{init}/metrics.json"
+        metric = JOB_METRIC[job]
+        path.write_text(json.dumps({**json.loads(path.read_text()), metric: None, f"{metric}_sd": None,
+                                    "seeds": [42, 43], "not_evaluable": reason}))  # fmt: skip
+    proc = run_stage(root, sys.executable, str(REPO / "stages/collate.py"))
+    assert "3 fine-tuning cells not evaluable" in proc.stderr and NO_BOX in proc.stderr
+    assert "not found" not in proc.stderr  # a cell that ran is not missing
+    out = root / "reports"
+
+    flat = flatten(json.loads((out / "metrics.json").read_text()))
+    for job, pct, init in na:
+        assert flat[f"{job}.{init}.pct{pct}.{JOB_METRIC[job]}"] is None  # null kept, no SD
+        assert f"{job}.{init}.pct{pct}.{JOB_METRIC[job]}_sd" not in flat
+    assert flat["cls_rsna.mflag.pct10.auc"] == float(f"{cells[('cls_rsna', 10, 'mflag')]:.10g}")
+
+    for table in COLUMNS:
+        text = {ext: (out / f"tables/{table}.{ext}").read_text() for ext in ("md", "tex")}
+        _, md = md_rows(text["md"])
+        tex = text["tex"].splitlines()
+        df = pd.read_csv(out / f"tables/{table}.csv", keep_default_na=False).set_index("init")
+        assert list(df.columns)[-2:] == ["best", "not_evaluable"]
+        for col, (header, job, pct) in enumerate(headers(table)):
+            for init in ("mflag", "random"):
+                tex_row = next(line for line in tex if line.startswith(f"{LABELS[init]} &")).rstrip(" \\").split(" & ")
+                listed = df.loc[init, "not_evaluable"].split(";") if df.loc[init, "not_evaluable"] else []
+                if (job, pct, init) in na:
+                    assert md[LABELS[init]][col] == "n/a" and tex_row[col + 1] == "n/a"
+                    assert df.loc[init, header] == ""  # csv: an empty field, the reason in the last column
+                    assert f"{header}: {na[(job, pct, init)]}" in listed
+                    assert f"{job}-{pct}-{init} ({na[(job, pct, init)]})" in text["md"]  # the table note
+                    assert "Not evaluable (1, shown as n/a" in text["md"] and "n/a" in text["tex"].split("smallskip")[1]
+                else:
+                    assert md[LABELS[init]][col] not in ("n/a", "-", "") and float(df.loc[init, header]) >= 0
+                    assert not any(item.startswith(f"{header}:") for item in listed)
+        assert "**n/a**" not in text["md"]  # never the best of its column
+
+    frac = pd.read_csv(out / "plots/fraction/cls_rsna.csv").set_index("pct")
+    assert pd.isna(frac.loc[1, "mflag"]) and frac.loc[10, "mflag"] == float(f"{cells[('cls_rsna', 10, 'mflag')]:.10g}")
+
+    claims = (out / "claims.md").read_text()
+    b = claims.split("## (b)")[1].split("\n## ")[0]
+    assert "Not evaluable" in b and f"cls_rsna-1-mflag: {NO_POSITIVE}" in b and f"det_rsna-100-random: {NO_BOX}" in b
+    assert "of 18 (job, fraction) cells" in b  # 3 of the 21 pairs have a null
+    assert "3 of 21 cannot be compared (a cell not run yet, or not evaluable)" in b
+    c = claims.split("## (c)")[1]
+    assert "**not evaluable**" in c.splitlines()[0] and "seg_rsna-1-mflag: the evaluator returned nan" in c
 
 
 def test_cells_with_several_seeds_add_their_sd_and_a_table_note(tmp_path):
@@ -306,7 +397,7 @@ def test_cells_with_several_seeds_add_their_sd_and_a_table_note(tmp_path):
     assert sd_keys == {f"{j}.{i}.pct{p}.{JOB_METRIC[j]}_sd" for j, p, i in sds}
     for (j, p, i), sd in sds.items():
         assert flat[f"{j}.{i}.pct{p}.{JOB_METRIC[j]}_sd"] == sd
-        assert flat[f"{j}.{i}.pct{p}.{JOB_METRIC[j]}"] == cells[(j, p, i)]  # the mean, as the cell wrote it
+        assert flat[f"{j}.{i}.pct{p}.{JOB_METRIC[j]}"] == float(f"{cells[(j, p, i)]:.10g}")  # the mean, 10 digits
     assert "mean over 8 seeds" in (out / "tables/classification.md").read_text()
     assert "mean over 8 seeds" in (out / "tables/classification.tex").read_text()
     assert "seeds" not in (out / "tables/segmentation.md").read_text()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mflag.finetune.checks import SubsetCheck, SubsetError, cell_record, check_subsets
 from mflag.finetune.data import TaskData
 from mflag.finetune.detect import (
     YOLO_WIDTHS,
@@ -361,3 +362,56 @@ def test_train_bf16_runs(tiny_task):
     cfg = cfg_with(precision="bf16", max_epochs=1, drop_empty_test=True)
     res = train_detector(state, task_data(images, boxes, TINY_ROWS), cfg, "cpu", seed=1)
     assert res["epochs_run"] == 1 and res["n_test"] == 4 and res["n_test_scored"] <= 4
+
+
+# ------------------------------------------------------------------------------- subsets without a box
+def test_a_test_subset_without_a_box_makes_the_map_not_evaluable(tiny_task):
+    """COCO AP needs a truth box (pycocotools leaves precision at -1 without one): the cell trains, writes `map`
+    as null with the reason, and every AP per IoU as null too; nothing is written as NaN."""
+    import json
+
+    state, images, boxes = tiny_task
+    boxes = {r: b for r, b in boxes.items() if r not in set(TINY_ROWS[2].tolist())}
+    data = task_data(images, boxes, TINY_ROWS)
+    check = check_subsets(data, "det", 1)
+    assert check.not_evaluable == "the test subset (4 rows) has no box: mAP needs a truth box" and not check.warnings
+    res = train_detector(state, data, cfg_with(max_epochs=1), "cpu", seed=1)
+    assert math.isnan(res["map"])  # the library's own value
+    record = cell_record(res, "map", check.not_evaluable)
+    assert record["map"] is None and record["not_evaluable"] == check.not_evaluable
+    assert record["map_per_iou"] == [None] * len(THRESHOLDS) and record["n_test"] == 4
+    json.dumps(record, allow_nan=False)
+
+
+def _without_boxes(boxes: dict, rows: np.ndarray) -> dict:
+    out = {r: b for r, b in boxes.items() if r not in set(rows.tolist())}
+    out[int(rows[0])] = np.zeros((0, 4), np.float32)  # an empty array is no box either
+    return out
+
+
+def test_a_train_subset_without_a_box_stops_the_cell(tiny_task):
+    _, images, boxes = tiny_task
+    data = task_data(images, _without_boxes(boxes, TINY_ROWS[0]), TINY_ROWS)
+    with pytest.raises(SubsetError, match=r"the train subset at 100% \(8 rows\) has no box: nothing can be learned"):
+        check_subsets(data, "det", 100)
+
+
+def test_a_valid_subset_without_a_box_runs_with_a_warning(tiny_task):
+    """No validation mAP picks the epoch (the tiny corpus's Object-CXR valid subset has no box): the detector
+    keeps the first epoch, and the cell says so."""
+    state, images, boxes = tiny_task
+    data = task_data(images, _without_boxes(boxes, TINY_ROWS[1]), TINY_ROWS)
+    check = check_subsets(data, "det", 10)
+    assert check == SubsetCheck(None, ["the valid subset (4 rows) has no box: no validation mAP picks the epoch; "
+                                       "the first epoch's head is tested"])  # fmt: skip
+    res = train_detector(state, data, cfg_with(max_epochs=2), "cpu", seed=1)
+    assert res["best_epoch"] == 1 and cell_record(res, "map")["valid_map"] is None
+
+
+def test_an_undefined_map_without_a_known_reason_is_null_with_the_evaluators_value():
+    """drop_empty_test with no test image holding both a prediction and a box: NaN from the library, null in the
+    record with a reason all the same."""
+    res = {"map": float("nan"), "map_per_iou": [float("nan")] * 2, "valid_map": 0.25, "n_test_scored": 0}
+    record = cell_record(res, "map")
+    assert record == {"map": None, "map_per_iou": [None, None], "valid_map": 0.25, "n_test_scored": 0,
+                      "not_evaluable": "the evaluator returned nan for map on the test subset"}  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -109,3 +110,78 @@ def test_one_process_for_the_three_fractions_equals_one_process_each(workdir, jo
     # progress: one line per epoch of each cell
     for pct in (1, 10, 100):
         assert re.search(rf"finetune {job}-{pct}-random epoch 1: ", proc.stdout), proc.stdout[-2000:]
+
+
+# ---------------------------------------------------------------------------- hostile inputs: one class
+def _strict_json(path) -> dict:
+    """The file as strict JSON: a NaN or Infinity token fails the test."""
+
+    def reject(token):
+        raise AssertionError(f"{path}: {token} written")
+
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
+def _broken_copy(workdir, tmp_path, dataset: str):
+    """A working folder with the params, the random encoder and a copy of one dataset's cache, to edit."""
+    wd = tmp_path / "wd"
+    shutil.copytree(workdir / "data/cache" / dataset, wd / "data/cache" / dataset)
+    shutil.copytree(workdir / "models/random", wd / "models/random")
+    shutil.copy(workdir / "params.yaml", wd / "params.yaml")
+    cache = wd / "data/cache" / dataset
+    return wd, cache, pd.read_csv(cache / "index.csv", dtype={"image_id": str}, keep_default_na=False)
+
+
+def _finetune(wd, *args: str) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, str(REPO / "stages/finetune.py"), *args], cwd=wd, capture_output=True,
+                          text=True, env=env)  # fmt: skip
+
+
+def test_a_train_subset_without_positives_stops_the_cell_with_job_fraction_and_subset_named(workdir, tmp_path):
+    wd, cache, index = _broken_copy(workdir, tmp_path, "rsna")
+    train = index["split"] == "train"
+    index.loc[train, "target"] = 0  # RSNA with every Target 0
+    index.to_csv(cache / "index.csv", index=False)
+    proc = _finetune(wd, "cls_rsna", "random")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    n = int((train & (pd.to_numeric(index["pct"], errors="coerce") <= 1)).sum())
+    assert (f"error: finetune cls_rsna-1-random: the train subset at 1% ({n} rows) has a single class (every target "
+            "is 0): nothing can be learned from it; see data/splits/rsna.csv") in proc.stderr  # fmt: skip
+    assert not (wd / "reports/finetune/cls_rsna-1-random/metrics.json").exists()
+
+
+def test_valid_and_test_subsets_with_one_class_write_a_null_auc_with_its_reason(workdir, tmp_path):
+    """The cell runs (exit 0): the valid subset's one class only warns (the validation loss picks the epoch), the
+    test AUC is undefined and written as null with the reason; no NaN in metrics.json nor in live/."""
+    wd, cache, index = _broken_copy(workdir, tmp_path, "rsna")
+    index.loc[index["split"].isin(["valid", "test"]), "target"] = 0
+    index.to_csv(cache / "index.csv", index=False)
+    proc = run_stage(wd, sys.executable, str(REPO / "stages/finetune.py"), "cls_rsna", "random", "1")
+    n_valid, n_test = (int((index["split"] == s).sum()) for s in ("valid", "test"))
+    reason = f"the test subset ({n_test} rows) has a single class (every target is 0): AUC needs both classes"
+    assert f"warning: finetune cls_rsna-1-random: auc not evaluable, written as null: {reason}" in proc.stderr
+    assert f"warning: finetune cls_rsna-1-random: the valid subset ({n_valid} rows) has a single class" in proc.stderr
+    assert "finetune cls_rsna-1-random: auc=n/a" in proc.stdout
+    folder = wd / "reports/finetune/cls_rsna-1-random"
+    out = _strict_json(folder / "metrics.json")
+    assert out["auc"] is None and out["not_evaluable"] == reason
+    assert out.get("auc_sd", None) is None and all(r["auc"] is None for r in out["per_seed"])
+    assert out["n_train"] > 0 and all(r["best_epoch"] >= 1 for r in out["per_seed"])
+    live = _strict_json(folder / "live/metrics.json")
+    assert "valid_metric" not in live and "valid_loss" in live  # the undefined valid AUC is left out of the curves
+    assert not (folder / "live/plots/metrics/valid_metric.tsv").exists()
+
+
+@pytest.mark.slow  # a detection run through the stage; tests/test_detect.py checks the same record in-process
+def test_a_test_subset_without_a_box_writes_a_null_map_with_its_reason(workdir, tmp_path):
+    wd, cache, index = _broken_copy(workdir, tmp_path, "rsna")
+    boxes = pd.read_csv(cache / "boxes.csv", dtype={"image_id": str})
+    test_ids = set(index.loc[index["split"] == "test", "image_id"])
+    assert boxes["image_id"].isin(test_ids).any()  # the tiny corpus has test boxes to remove
+    boxes[~boxes["image_id"].isin(test_ids)].to_csv(cache / "boxes.csv", index=False)
+    proc = run_stage(wd, sys.executable, str(REPO / "stages/finetune.py"), "det_rsna", "random", "1")
+    reason = f"the test subset ({len(test_ids)} rows) has no box: mAP needs a truth box"
+    assert f"warning: finetune det_rsna-1-random: map not evaluable, written as null: {reason}" in proc.stderr
+    out = _strict_json(wd / "reports/finetune/det_rsna-1-random/metrics.json")
+    assert out["map"] is None and out["not_evaluable"] == reason and set(out["map_per_iou"]) == {None}

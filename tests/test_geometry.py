@@ -44,3 +44,25 @@ def test_mean_abs_offdiag_correlation():
     assert mean_abs_offdiag_correlation(x) < 0.05
     y = np.stack([x[:, 0], -x[:, 0], x[:, 0], np.ones(5000)], axis=1)  # constant column left out
     assert mean_abs_offdiag_correlation(y) == pytest.approx(1.0)
+
+
+def test_geometry_of_collapsed_features_is_undefined():
+    """All-equal features have no spectrum to take the entropy of: NaN (not 1.0 from 0/0 noise), and the
+    pretraining report writes such a value as null with its reason (JSON has no NaN)."""
+    same = np.tile(np.array([[0.1, 0.2, 0.3]]), (50, 1))
+    assert np.isnan(effective_rank(same)) and np.isnan(mean_abs_offdiag_correlation(same))
+    assert effective_rank(same + np.eye(50, 3)) > 1
+
+
+def test_the_pretraining_report_writes_undefined_geometry_as_null(monkeypatch):
+    import torch
+
+    import mflag.pretrain
+    from tests.test_pretrain import tiny_data, tiny_model
+
+    model = tiny_model()
+    monkeypatch.setattr(model, "encode_image", lambda x: (torch.ones(len(x), 32), torch.randn(len(x), 12)))
+    metrics, spectrum = mflag.pretrain.evaluate(model, tiny_data(), 20, 8, torch.device("cpu"))
+    assert metrics["effective_rank"] is None and metrics["mean_abs_offdiag_corr"] is None
+    assert set(metrics["not_evaluable"]) == {"effective_rank", "mean_abs_offdiag_corr"}
+    assert metrics["valid_images"] == 4 and np.allclose(spectrum, 0)

@@ -1,4 +1,5 @@
-"""mflag.io: atomic writes, and the DVCLive logger the stages open (only its curve files, no time stamps)."""
+"""mflag.io: atomic writes, strict JSON with rounded floats, and the DVCLive logger the stages open (only its
+curve files, no time stamps)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import json
 import os
 
 import numpy as np
+import pytest
 
-from mflag.io import atomic_write, open_live, write_json
+from mflag.io import SIGNIFICANT_DIGITS, atomic_write, open_live, write_json
 
 
 def _files(root) -> dict[str, bytes]:
@@ -30,6 +32,32 @@ def test_write_json_keeps_key_order_and_ends_with_a_newline(tmp_path):
     write_json(tmp_path / "m.json", {"b": 1, "a": [0.5, None]})
     text = (tmp_path / "m.json").read_text()
     assert text.endswith("}\n") and list(json.loads(text)) == ["b", "a"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), np.float64("nan")])
+def test_write_json_refuses_nan_and_infinity_naming_the_key(tmp_path, bad):
+    """A metrics file is strict JSON: json.dumps would write a bare NaN token, which JSON does not have."""
+    obj = {"auc": 0.5, "per_seed": [{"auc": 0.5}, {"auc": bad}], "map_per_iou": [0.1, bad]}
+    with pytest.raises(ValueError, match=r"m\.json: NaN or infinite .*per_seed\[1\]\.auc, map_per_iou\[1\]"):
+        write_json(tmp_path / "m.json", obj)
+    assert not (tmp_path / "m.json").exists()
+    write_json(tmp_path / "m.json", {"auc": None, "not_evaluable": "one class"})  # undefined: null with its reason
+    assert json.loads((tmp_path / "m.json").read_text()) == {"auc": None, "not_evaluable": "one class"}
+
+
+def test_write_json_rounds_floats_so_last_bit_differences_write_the_same_bytes(tmp_path):
+    assert SIGNIFICANT_DIGITS == 10
+    a = 0.7382560340062216
+    b = a * (1 + 3e-15)  # another summation order: the 15th significant digit moves
+    assert a != b
+    for name, x in (("a", a), ("b", b)):
+        write_json(tmp_path / f"{name}.json", {"auc": x, "per_seed": [{"auc": x / 3}], "n_train": 123456789012,
+                                               "map_per_iou": [x * 1e-7, x * 1e7], "best": True, "note": "text"})  # fmt: skip
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    got = json.loads((tmp_path / "a.json").read_text())
+    assert got["auc"] == 0.738256034 and got["per_seed"][0]["auc"] == float(f"{a / 3:.10g}")
+    assert got["map_per_iou"] == [float(f"{a * 1e-7:.10g}"), float(f"{a * 1e7:.10g}")]
+    assert got["n_train"] == 123456789012 and got["best"] is True  # integers and booleans untouched
 
 
 def _log_run(folder) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from mflag.params import load
+from mflag.params import ParamsError, load
 from tests.conftest import REPO
 
 PAPER = REPO / "configs/paper.yaml"
@@ -35,7 +35,9 @@ def test_paper_params_hold_the_papers_values():
     assert p.data.mimic.root == "/data/mimic-cxr-jpg/2.0.0"
     assert all(getattr(p.data, ds).root.startswith("/data/") for ds in ("chexpert", "rsna", "siim", "covidx", "objcxr"))
     assert p.loss.ortho_weight == 1.0 and p.loss.ortho_offdiag_weight == pytest.approx(0.0051)
-    assert p.model.text.name_or_path == "microsoft/BiomedVLP-CXR-BERT-general" and p.model.text.trust_remote_code
+    assert p.model.text.name_or_path == "microsoft/BiomedVLP-CXR-BERT-general"
+    # shipped with remote code off: no commit of CXR-BERT has been reviewed and pinned (see the file's top)
+    assert p.model.text.trust_remote_code is False and p.model.text.revision is None
     assert p.model.text.max_length == 512 and p.model.vision.init == "imagenet"
     assert (p.model.proj_hidden, p.model.proj_dim) == (2048, 1024)
     pre = p.pretrain
@@ -56,3 +58,19 @@ def test_paper_params_hold_the_papers_values():
     assert det.batch_size == {"rsna": {"pct1": 8, "pct10": 16, "pct100": 16},
                               "objcxr": {"pct1": 8, "pct10": 16, "pct100": 16}}  # fmt: skip
     assert det.iou_thresholds == pytest.approx([0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75])
+
+
+def test_paper_params_switch_to_remote_code_with_a_pinned_revision(tmp_path):
+    """The switch the top of configs/paper.yaml describes: trust_remote_code true loads with a 40-hex commit,
+    and is refused without one."""
+    data = yaml.safe_load(PAPER.read_text())
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    data["model"]["text"].update(trust_remote_code=True, revision=commit)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    text = load(path).model.text
+    assert text.trust_remote_code is True and text.revision == commit
+    data["model"]["text"]["revision"] = None
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ParamsError, match=r"model\.text\.revision"):
+        load(path)

@@ -82,7 +82,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     # first run dies after its epoch-1 checkpoint; a new process (fresh model) resumes from it
     first = tiny_model()
     train(first, data, cfg, CPU1, tmp_path / "b.pt", "fp", progress=False, stop_after_epoch=1)
-    assert torch.load(tmp_path / "b.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["epoch"] == 1
     resumed = tiny_model()
     history = train(resumed, data, cfg, CPU1, tmp_path / "b.pt", "fp", progress=False)
     a, b = _params(whole), _params(resumed)

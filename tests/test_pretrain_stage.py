@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,7 +20,11 @@ import yaml
 from safetensors.torch import load_file
 
 from mflag.distributed import resolve_precision
+from mflag.io import rounded
 from tests.conftest import REPO, run_stage
+
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(REPO / "stages/pretrain.py"))
+OUTPUTS = ("models/mflag", "reports/pretrain")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +50,7 @@ def test_pretrain_outputs(pretrained):
     for key in ("loss_total", "loss_align", "loss_ortho", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5",
                 "t2i_r10", "effective_rank", "mean_abs_offdiag_corr", "params_trainable", "params_frozen"):
         assert np.isfinite(m[key]), key
+    assert m == rounded(m)  # 10 significant digits: last-bit noise does not reach the file
     assert 0 <= m["i2t_r1"] <= m["i2t_r5"] <= m["i2t_r10"] <= 1
     # parameter counts: the frozen MiniLM (22.7M); ResNet-50 without fc (23,508,032, torchvision's count)
     # plus two projectors Linear -> BN -> ReLU -> Linear -> BN without affine, sized by the params
@@ -108,3 +119,80 @@ def test_pretrain_seed_replaces_the_top_level_seed(pretrained, tmp_path):
         assert (wd / path.relative_to(pretrained)).read_bytes() == path.read_bytes(), path.name
     run = json.loads((wd / "models/mflag/run.json").read_text())["params"]
     assert (run["seed"], run["pretrain"]["seed"], run["seed_used"]) == (7, 42, 42)
+
+
+def _copy_inputs(pretrained, wd):
+    shutil.copytree(pretrained, wd, ignore=shutil.ignore_patterns("models", "reports", ".resume"))
+    return wd
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for top in OUTPUTS for p in sorted((root / top).rglob("*")) if p.is_file()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_stage_resumes_to_the_bytes_of_an_uninterrupted_run(pretrained, tmp_path):
+    """torchrun SIGKILLed after the first epoch's resume checkpoint: its worker stops too; the re-run
+    removes the killed run's temporary files, resumes, and writes every output byte for byte as the
+    uninterrupted run (the fixture's) did, models/mflag/checkpoint.pt included."""
+    wd = _copy_inputs(pretrained, tmp_path / "wd")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}  # as run_stage
+    torchrun = subprocess.Popen(TORCHRUN, cwd=wd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)  # fmt: skip
+    resume, workers = wd / ".resume/pretrain.pt", []
+    try:
+        while not resume.exists() and torchrun.poll() is None:
+            workers = [int(c) for c in Path(f"/proc/{torchrun.pid}/task/{torchrun.pid}/children").read_text().split()]
+            time.sleep(0.02)
+        assert torchrun.poll() is None, f"the run ended before it could be killed: {torchrun.stderr.read()[-2000:]}"
+        os.kill(torchrun.pid, signal.SIGKILL)  # the PID this test started
+        torchrun.wait()
+        assert workers and all(_wait_for_exit(pid) for pid in workers), "the worker outlived torchrun"
+    finally:
+        if torchrun.poll() is None:
+            torchrun.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert torch.load(resume, weights_only=True)["epoch"] >= 1
+    stale = [wd / ".resume/.pretrain.pt.tmp4242", wd / "models/mflag/.checkpoint.pt.tmp4242"]
+    for path in stale:  # what a kill during a save leaves
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a file")
+    proc = run_stage(wd, *TORCHRUN)
+    assert "pretrain: resuming after epoch" in proc.stdout
+    assert not any(p.exists() for p in stale) and not resume.exists()
+    ours, theirs = _files(wd), _files(pretrained)
+    assert sorted(ours) == sorted(theirs)
+    assert [k for k in ours if ours[k] != theirs[k]] == []
+
+
+def _wait_for_exit(pid: int, timeout: float = 15.0) -> bool:
+    end = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < end:
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
+@pytest.mark.slow
+def test_nan_embeddings_stop_the_stage_with_one_line_and_no_outputs(pretrained, tmp_path):
+    wd = _copy_inputs(pretrained, tmp_path / "wd")
+    emb = np.load(wd / "data/embeddings/mimic.npy")
+    emb[:] = np.nan
+    np.save(wd / "data/embeddings/mimic.npy", emb)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(TORCHRUN, cwd=wd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0
+    assert re.search(r"^error: pretrain: non-finite loss at epoch 1 step 1: align=nan ortho=\S+ total=nan$",
+                     proc.stderr, re.MULTILINE), proc.stderr[-3000:]  # fmt: skip
+    # no traceback from the stage (torchrun then reports the failed worker in its own words)
+    assert "stages/pretrain.py\", line" not in proc.stderr and "/mflag/" not in proc.stderr
+    assert _files(wd) == {} and not (wd / ".resume/pretrain.pt").exists()

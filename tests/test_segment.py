@@ -11,6 +11,7 @@ import torch
 import torchvision
 
 from mflag.finetune import segment
+from mflag.finetune.checks import SubsetError, cell_record, check_subsets
 from mflag.finetune.data import TaskData
 from mflag.finetune.segment import SegmentConfig, dice_per_image, segmentation_loss, train_segmenter
 from mflag.models import resnet50_trunk
@@ -326,3 +327,34 @@ def test_task_without_masks_is_refused(trunk_state):
     data.masks = None
     with pytest.raises(ValueError, match="no masks"):
         train_segmenter(trunk_state, data, _cfg(max_epochs=1), "cpu", seed=0)
+
+
+# ------------------------------------------------------------------------- subsets without a positive mask
+def test_a_test_subset_without_a_positive_mask_is_scored(trunk_state):
+    """Dice is defined on a test subset whose masks are all empty: the protocol scores an empty truth 1 for an
+    empty prediction and 0 otherwise (dice_per_image), so the cell runs, writes a number and warns that the
+    score only says whether the predictions are empty. Only a train subset without a positive mask stops."""
+    images, masks = _squares(14, 32, seed=3, p_empty=0.3)
+    masks[10:] = 0
+    data = _task(images, masks, np.arange(8), np.arange(8, 10), np.arange(10, 14))
+    check = check_subsets(data, "seg", 1)
+    assert check.not_evaluable is None
+    assert check.warnings == ["the test subset (4 rows) has no positive mask: Dice only scores whether the "
+                              "predictions are empty"]  # fmt: skip
+    out = train_segmenter(trunk_state, data, _cfg(max_epochs=1, augment=False), "cpu", seed=0)
+    record = cell_record(out, "dice", check.not_evaluable)
+    assert "not_evaluable" not in record and 0.0 <= record["dice"] <= 1.0
+    assert record["dice"] in {k / 4 for k in range(5)}  # each of the 4 images scores exactly 0 or 1
+
+
+def test_a_train_subset_without_a_positive_mask_stops_the_cell():
+    images, masks = _squares(14, 32, seed=3)
+    masks[:8] = 0
+    with pytest.raises(SubsetError, match=r"the train subset at 10% \(8 rows\) has no positive mask: nothing can be "
+                                          r"learned from it; see data/splits/siim.csv"):  # fmt: skip
+        check_subsets(_task(images, masks, np.arange(8), np.arange(8, 10), np.arange(10, 14)), "seg", 10)
+    images, masks = _squares(14, 32, seed=3)
+    masks[8:10] = 0  # a valid subset without a positive mask: the validation loss is still defined, a warning
+    check = check_subsets(_task(images, masks, np.arange(8), np.arange(8, 10), np.arange(10, 14)), "seg", 10)
+    assert check.not_evaluable is None
+    assert check.warnings[0].startswith("the valid subset (2 rows) has no positive mask")

@@ -147,3 +147,38 @@ def test_deterministic_and_edge_cases(enc):
         embed_texts(enc, TEXTS, MAX_LENGTH, "max", batch_size=2, progress=False)
     with pytest.raises(TypeError, match=r"texts\[1\]"):
         embed_texts(enc, ["ok", float("nan")], MAX_LENGTH, "cls", batch_size=2, progress=False)
+
+
+# ----------------------------------------------------------------------------------- revision
+def _record_from_pretrained(monkeypatch) -> list[tuple[str, dict]]:
+    """Wrap transformers' AutoModel / AutoTokenizer.from_pretrained: record each call's kwargs, then load."""
+    import transformers
+
+    calls: list[tuple[str, dict]] = []
+    for cls in (transformers.AutoModel, transformers.AutoTokenizer):
+        original = cls.from_pretrained.__func__
+
+        def wrapper(klass, *args, _original=original, **kwargs):
+            calls.append((klass.__name__, kwargs))
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(wrapper))
+    return calls
+
+
+def test_revision_is_passed_to_the_model_and_the_tokenizer(monkeypatch):
+    calls = _record_from_pretrained(monkeypatch)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    enc = load_frozen_lm(DEFAULT_LM, False, revision=commit)
+    assert sorted(name for name, _ in calls) == ["AutoModel", "AutoTokenizer"]
+    assert all(kwargs["revision"] == commit for _, kwargs in calls)
+    assert all(kwargs["trust_remote_code"] is False for _, kwargs in calls)
+    assert enc.dim == 384  # a local folder loads whatever the revision (transformers ignores it there)
+
+
+def test_remote_code_without_revision_is_refused_before_loading(monkeypatch):
+    calls = _record_from_pretrained(monkeypatch)
+    with pytest.raises(TextModelError, match="revision") as info:
+        load_frozen_lm(DEFAULT_LM, trust_remote_code=True)
+    assert "model.text.revision" in str(info.value)
+    assert calls == []  # nothing was loaded, so no repository code ran

@@ -28,12 +28,13 @@ from tqdm import tqdm
 
 from mflag.data.images import read_image_uint8
 from mflag.data.split import SPLIT_COLUMNS, write_split_csv
-from mflag.data.table import DataError, DatasetTable
+from mflag.data.table import OUTSIDE_ROOT, DataError, DatasetTable, escapes_root
 
 DATASETS = ("mimic", "chexpert", "rsna", "siim", "covidx", "objcxr")
 MASK_DATASETS = ("rsna", "siim")  # rsna: union of filled boxes; siim: decoded RLE
 BOX_DATASETS = ("rsna", "objcxr")
 MISSING_FILE = "missing file"
+NO_BOX_INSIDE = "no box inside the image"
 _ROWS_PER_COPY = 256  # rows moved at a time when compacting an array after skips
 
 
@@ -58,6 +59,22 @@ def fit_square(
     out = np.zeros((size, size), dtype=np.uint8)
     out[oy : oy + new_h, ox : ox + new_w] = small
     return out, scale, float(ox), float(oy)
+
+
+def boxes_inside(
+    boxes: Sequence[tuple[float, float, float, float]], width: int, height: int
+) -> tuple[list[tuple[float, float, float, float]], list[tuple[float, float, float, float]]]:
+    """Split original-pixel boxes into ``(kept, lost)``: those with some area inside the image
+    ``[0, width] x [0, height]``, as given (``map_boxes`` clips them), and those with none (wholly
+    outside the image, or of zero width or height)."""
+    kept, lost = [], []
+    for box in boxes:
+        x1, y1, x2, y2 = (float(v) for v in box)
+        if min(x2, width) > max(x1, 0.0) and min(y2, height) > max(y1, 0.0):
+            kept.append((x1, y1, x2, y2))
+        else:
+            lost.append((x1, y1, x2, y2))
+    return kept, lost
 
 
 def map_boxes(
@@ -93,15 +110,26 @@ def _pixel_span(lo: float, hi: float, size: int) -> tuple[int, int]:
 
 
 def _process(task: tuple, root: Path, size: int, dataset: str):
-    """One image -> (image, mask | None, cache boxes, skip reason). Runs in a worker process."""
+    """One image -> (image, mask | None, cache boxes, lost boxes, skip reason). Runs in a worker process.
+
+    Lost boxes are the image's boxes with no area inside it, in original pixels, with the image's size.
+    """
     rel, boxes, rles = task
+    # Checked before the file is looked at, so the report never tells missing from unreadable here.
+    if escapes_root(root, rel):
+        return None, None, [], [], OUTSIDE_ROOT
     full = root / rel
     if not full.is_file():
-        return None, None, [], MISSING_FILE
+        return None, None, [], [], MISSING_FILE
     try:
         img = read_image_uint8(full)
+        kept, lost = boxes_inside(boxes, img.shape[1], img.shape[0])
+        lost = [(b, img.shape[1], img.shape[0]) for b in lost]
+        if boxes and not kept:
+            # Skip, label untouched: kept, it is a positive with an empty mask and no box; relabelled, a false 0.
+            return None, None, [], lost, NO_BOX_INSIDE
         out, scale, ox, oy = fit_square(img, size)
-        cache_boxes = map_boxes(boxes, scale, ox, oy, size)
+        cache_boxes = map_boxes(kept, scale, ox, oy, size)
         mask = None
         if dataset == "rsna":
             mask = fill_boxes(cache_boxes, size)
@@ -114,8 +142,8 @@ def _process(task: tuple, root: Path, size: int, dataset: str):
             mask = fit_square(decode_masks(list(rles), *img.shape), size, nearest=True)[0]
     except (DataError, OSError) as e:
         # Name the file relative to the root so the report does not depend on where data lives.
-        return None, None, [], (str(e) or type(e).__name__).replace(str(full), rel)
-    return out, mask, cache_boxes, ""
+        return None, None, [], [], (str(e) or type(e).__name__).replace(str(full), rel)
+    return out, mask, cache_boxes, lost, ""
 
 
 def _write_json_atomic(obj: dict, path: Path) -> None:
@@ -145,6 +173,38 @@ def _compact(path: Path, kept: int) -> None:
     os.replace(part, path)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    except (OverflowError, OSError):
+        return False
+    return True
+
+
+def remove_stale_temps(out_dir: Path) -> list[str]:
+    """Remove the ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>`` folders that a killed run left beside
+    ``out_dir`` (those whose pid is no longer alive; a live run's folders stay). Returns their names."""
+    out_dir = Path(out_dir)
+    removed = []
+    if not out_dir.parent.is_dir():
+        return removed
+    for kind in ("tmp", "old"):
+        for p in sorted(out_dir.parent.glob(f".{out_dir.name}.{kind}-*")):
+            pid = p.name.rsplit("-", 1)[1]
+            if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p.name)
+    return removed
+
+
 def _swap_in(tmp: Path, out_dir: Path) -> None:
     """Replace ``out_dir`` by ``tmp`` (two renames; the old folder is restored on failure)."""
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -170,6 +230,7 @@ def _quality_report(
     skipped: list[tuple[str, str]],
     split_dropped: Sequence[tuple[str, str]],
     kept: int,
+    boxes_dropped: Sequence[dict] = (),
 ) -> dict:
     # Entries the reader and the split stage dropped, once each (the split stage's dropped.csv
     # usually repeats the reader's), then what this stage could not read.
@@ -189,6 +250,7 @@ def _quality_report(
             "dropped_by_split": len(dropped),
         },
         "skipped": [{"path": p, "reason": r} for p, r in dropped + skipped],
+        "boxes_dropped": list(boxes_dropped),
     }
 
 
@@ -235,9 +297,8 @@ def build_cache(
     ]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temps(out_dir)  # this run's own pid included: a folder of an earlier run with it
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     start = time.perf_counter()
     try:
@@ -246,6 +307,7 @@ def build_cache(
         box_rows: list[tuple[str, ...]] = []
         kept_rows: list[int] = []
         skipped: list[tuple[str, str]] = []
+        boxes_dropped: list[dict] = []
 
         work = partial(_process, root=root, size=size, dataset=dataset)
         progress = tqdm(total=n, desc=f"preprocess {dataset}", unit="img", mininterval=1.0)
@@ -253,8 +315,13 @@ def build_cache(
         try:
             chunk = max(1, min(64, n // (8 * max(workers, 1))))
             results = pool.imap(work, tasks, chunksize=chunk) if pool else map(work, tasks)
-            for row, (img, mask, cache_boxes, reason) in enumerate(results):
+            for row, (img, mask, cache_boxes, lost, reason) in enumerate(results):
                 progress.update(1)
+                boxes_dropped.extend(
+                    {"image_id": image_ids[row], "path": tasks[row][0], "box": list(b),
+                     "reason": f"no area inside the {w}x{h} image"}
+                    for b, w, h in lost
+                )  # fmt: skip
                 if reason:
                     skipped.append((tasks[row][0], reason))
                     continue
@@ -277,12 +344,12 @@ def build_cache(
             del masks
         seconds = time.perf_counter() - start
 
-        report = _quality_report(dataset, table, split, skipped, split_dropped, len(kept_rows))
+        report = _quality_report(dataset, table, split, skipped, split_dropped, len(kept_rows), boxes_dropped)
         _write_json_atomic(report, quality_path)
         if len(skipped) / n > max_skip_fraction:
             first = "; ".join(f"{p} ({r})" for p, r in skipped[:5])
             raise DataError(
-                f"preprocess {dataset}: {len(skipped)} of {n} images unreadable "
+                f"preprocess {dataset}: {len(skipped)} of {n} images unusable "
                 f"({len(skipped) / n:.1%} > max_skip_fraction {max_skip_fraction:.1%}); "
                 f"first: {first}; full list in {quality_path}"
             )
@@ -309,6 +376,7 @@ def build_cache(
         "skipped": counts["skipped"],
         "excluded": sum(counts["excluded"].values()),
         "dropped_by_split": counts["dropped_by_split"],
+        "stale_removed": stale,
         "seconds": round(seconds, 3),
         "images_per_second": round(n / seconds, 2) if seconds > 0 else float("inf"),
     }

@@ -15,6 +15,7 @@ from .table import (
     DUPLICATE_ROW,
     DataError,
     DatasetTable,
+    drop_if_outside,
     line_of,
     make_table,
     read_csv_strings,
@@ -88,6 +89,8 @@ def read_chexpert(root: Path) -> DatasetTable:
             path = _normalise_path(raw_path, ddir.name)
             if not path:
                 raise DataError(f"{csv_path}: line {line_of(i)}: empty Path")
+            if drop_if_outside(root, path, dropped):
+                continue
             v = view.strip().lower()
             if v != "frontal":
                 excluded["lateral" if v == "lateral" else "other_view"] += 1
@@ -123,4 +126,5 @@ def read_chexpert(root: Path) -> DatasetTable:
         source=str(ddir),
         dropped=dropped,
         excluded=excluded,
+        sources={split: ddir / fname for fname, split in FILES},
     )

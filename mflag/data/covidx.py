@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .table import BAD_LABEL, DUPLICATE_ROW, DataError, DatasetTable, make_table, require_file
+from .table import (
+    BAD_LABEL,
+    DUPLICATE_ROW,
+    DataError,
+    DatasetTable,
+    drop_if_outside,
+    make_table,
+    require_file,
+)
 
 LISTS = (("train_COVIDx9A.txt", "train", "train"), ("test_COVIDx9A.txt", "test", "test"))
 CLASSES = ("normal", "pneumonia", "COVID-19")
@@ -36,6 +44,8 @@ def read_covidx(root: Path) -> DatasetTable:
             # A file name holding spaces would split into several tokens: re-join the middle.
             patient_id, label, filename = tokens[0], tokens[-2], " ".join(tokens[1:-2])
             image_id = f"{folder}/{filename}"
+            if drop_if_outside(root, image_id, dropped):
+                continue
             if label not in CLASSES:
                 dropped.append((image_id, BAD_LABEL))
                 continue
@@ -52,4 +62,5 @@ def read_covidx(root: Path) -> DatasetTable:
                     "label": label,
                 }
             )
-    return make_table(records, ["label"], source=str(root), dropped=dropped)
+    sources = {split: root / list_name for list_name, _, split in LISTS}
+    return make_table(records, ["label"], source=str(root), dropped=dropped, sources=sources)

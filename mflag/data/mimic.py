@@ -21,7 +21,10 @@ from .table import (
     EMPTY_REPORT,
     MISSING_REPORT,
     DataError,
+    OUTSIDE_ROOT,
     DatasetTable,
+    drop_if_outside,
+    escapes_root,
     line_of,
     make_table,
     read_csv_strings,
@@ -221,6 +224,23 @@ def _view_kind(view: str) -> str:
     return "other_view"
 
 
+_OUTSIDE = object()  # a report whose file lies outside the root: never opened
+
+
+def _read_report(root: Path, rel: str) -> object:
+    """The report's text for the split file, None when it is missing, ``_OUTSIDE`` when it escapes."""
+    if escapes_root(root, rel):
+        return _OUTSIDE
+    path = root / rel
+    try:
+        raw = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read report: {e}") from e
+    return report_text(raw)
+
+
 def read_mimic(root: Path) -> DatasetTable:
     root = Path(root)
     split_path = _pick_csv(root, SPLIT_STEM)
@@ -235,7 +255,7 @@ def read_mimic(root: Path) -> DatasetTable:
     excluded = {"lateral": 0, "other_view": 0, "no_metadata": 0, "not_in_split": 0}
     dropped: list[tuple[str, str]] = []
     records: list[dict] = []
-    reports: dict[Path, str | None] = {}
+    reports: dict[str, object] = {}
     in_split: set[str] = set()
     cols = zip(
         split_df["dicom_id"], split_df["study_id"], split_df["subject_id"], split_df["split"]
@@ -253,6 +273,10 @@ def read_mimic(root: Path) -> DatasetTable:
                 f"(expected one of {sorted(SPLIT_MAP)})"
             )
         in_split.add(dicom_id)
+        patient_dir = f"files/p{subject[:2]}/p{subject}"
+        image_path = f"{patient_dir}/s{study}/{dicom_id}.jpg"
+        if drop_if_outside(root, image_path, dropped):
+            continue
         view = views.get(dicom_id)
         if view is None:
             excluded["no_metadata"] += 1
@@ -261,18 +285,13 @@ def read_mimic(root: Path) -> DatasetTable:
         if kind != "frontal":
             excluded[kind] += 1
             continue
-        patient_dir = f"files/p{subject[:2]}/p{subject}"
-        image_path = f"{patient_dir}/s{study}/{dicom_id}.jpg"
-        report_file = root / patient_dir / f"s{study}.txt"
+        report_file = f"{patient_dir}/s{study}.txt"
         if report_file not in reports:
-            try:
-                raw = report_file.read_text(encoding="utf-8", errors="replace")
-            except FileNotFoundError:
-                raw = None
-            except OSError as e:
-                raise DataError(f"{report_file}: cannot read report: {e}") from e
-            reports[report_file] = None if raw is None else report_text(raw)
+            reports[report_file] = _read_report(root, report_file)
         text = reports[report_file]
+        if text is _OUTSIDE:
+            dropped.append((image_path, OUTSIDE_ROOT))
+            continue
         if text is None:
             dropped.append((image_path, MISSING_REPORT))
             continue
@@ -295,4 +314,5 @@ def read_mimic(root: Path) -> DatasetTable:
         source=str(split_path),
         dropped=dropped,
         excluded=excluded,
+        sources={s: split_path for s in ("train", "valid", "test")},
     )

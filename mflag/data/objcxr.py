@@ -15,6 +15,7 @@ from .table import (
     DUPLICATE_ROW,
     DataError,
     DatasetTable,
+    drop_if_outside,
     line_of,
     make_table,
     read_csv_strings,
@@ -66,6 +67,8 @@ def read_objcxr(root: Path) -> DatasetTable:
             if not name:
                 raise DataError(f"{csv_path}: line {line_of(i)}: empty image_name")
             image_id = f"{folder}/{name}"
+            if drop_if_outside(root, image_id, dropped):
+                continue
             try:
                 img_boxes = parse_annotation(ann)
             except ValueError:
@@ -93,4 +96,5 @@ def read_objcxr(root: Path) -> DatasetTable:
         source=str(root),
         dropped=dropped,
         boxes=boxes,
+        sources={split: root / csv_name for csv_name, _, split in FILES},
     )

@@ -9,7 +9,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .table import BAD_LABEL, DataError, DatasetTable, line_of, make_table, read_csv_strings
+from .table import (
+    BAD_LABEL,
+    DataError,
+    DatasetTable,
+    drop_if_outside,
+    line_of,
+    make_table,
+    read_csv_strings,
+)
 
 LABELS_FILE = "stage_2_train_labels.csv"
 IMAGE_DIR = "stage_2_train_images"
@@ -63,6 +71,8 @@ def read_rsna(root: Path) -> DatasetTable:
     out_boxes: dict[str, list[tuple[float, float, float, float]]] = {}
     for pid in order:
         path = f"{IMAGE_DIR}/{pid}.dcm"
+        if drop_if_outside(root, path, dropped):
+            continue
         if pid in bad or len(targets[pid]) != 1:
             dropped.append((path, BAD_LABEL))
             continue
@@ -85,4 +95,5 @@ def read_rsna(root: Path) -> DatasetTable:
         source=str(csv_path),
         dropped=dropped,
         boxes=out_boxes,
+        sources={"": csv_path},
     )

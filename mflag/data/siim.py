@@ -21,6 +21,7 @@ from .table import (
     UNREADABLE_FILE,
     DataError,
     DatasetTable,
+    drop_if_outside,
     line_of,
     make_table,
     read_csv_strings,
@@ -132,9 +133,14 @@ def read_siim(root: Path) -> DatasetTable:
     for image_id in order:
         p = files.get(image_id)
         if p is None:
-            dropped.append((f"{DICOM_DIR}/{image_id}.dcm", MISSING_FILE))
+            nominal = f"{DICOM_DIR}/{image_id}.dcm"
+            if not drop_if_outside(root, nominal, dropped):
+                dropped.append((nominal, MISSING_FILE))
             continue
         rel = p.relative_to(root).as_posix()
+        # Before the header is read: a DICOM linked from outside the root is never opened.
+        if drop_if_outside(root, rel, dropped):
+            continue
         if image_id in bad:
             dropped.append((rel, BAD_LABEL))
             continue
@@ -165,4 +171,5 @@ def read_siim(root: Path) -> DatasetTable:
         dropped=dropped,
         excluded={"not_in_csv": not_in_csv},
         rles=out_rles,
+        sources={"": csv_path},
     )

@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
-from mflag.data.table import DataError
+from mflag.data.table import DataError, DatasetTable
 
 SPLITS = ("train", "valid", "test")
 SPLIT_COLUMNS = ("image_id", "patient_id", "path", "split", "pct")
@@ -177,6 +179,57 @@ def assign_splits(
     order = [k[-1] for k in sorted(keys)]
     out = df.iloc[order][list(SPLIT_COLUMNS) + label_columns].reset_index(drop=True)
     return out, dropped
+
+
+def _tally(table: DatasetTable) -> str:
+    """What the reader left out, over the whole dataset: 'excluded lateral 12; dropped bad label 1'."""
+    parts = []
+    if table.excluded:
+        parts.append("excluded " + ", ".join(f"{k} {v}" for k, v in sorted(table.excluded.items())))
+    reasons = Counter(r for _, r in table.dropped)
+    if reasons:
+        parts.append("dropped " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+    return "; ".join(parts) if parts else "no data row at all"
+
+
+def _why_empty(name: str, table: DatasetTable, split_dropped: Sequence[tuple[str, str]], spec: SplitSpec,
+               dataset: str) -> str:  # fmt: skip
+    """Why the split ``name`` holds no row, naming the file it comes from."""
+    official = table.rows["official_split"].astype(str)
+    own_file = name in table.sources and name != "train"  # an official valid / test set
+    pool_file = table.sources.get("train") or table.sources.get("", "the dataset's files")
+    file = table.sources[name] if own_file else pool_file
+    feeds = official == name if own_file else official.isin(["train", ""])
+    paths = set(table.rows.loc[feeds, "path"])
+    if not paths:
+        which = f"the official {name} set" if own_file else "the train pool"
+        return f"nothing is left of {file} ({which}): the reader kept none of its rows (whole dataset: {_tally(table)})"
+    lost = Counter(r for p, r in split_dropped if p in paths)
+    if sum(lost.values()) == len(paths):
+        why = ", ".join(f"{r} {n}" for r, n in sorted(lost.items()))
+        return f"all {len(paths)} rows the reader kept from {file} were dropped by the split ({why})"
+    patients = table.rows.loc[feeds & ~table.rows["path"].isin([p for p, _ in split_dropped]), "patient_id"].nunique()
+    if name == "train":
+        return (f"all {patients} train-pool patients of {file} went to valid or test (data.{dataset}.valid_fraction "
+                f"{spec.valid_fraction} + test_fraction {spec.test_fraction}; too few patients)")  # fmt: skip
+    key = f"data.{dataset}.{name}_fraction"
+    fraction = getattr(spec, f"{name}_fraction")
+    if fraction == 0:
+        return f"{dataset} has no official {name} set and {key} is 0"
+    return f"{key} {fraction} put none of the {patients} train-pool patients of {file} into {name} (too few patients)"
+
+
+def check_splits_not_empty(split: pd.DataFrame, table: DatasetTable, split_dropped: Sequence[tuple[str, str]],
+                           spec: SplitSpec, dataset: str) -> None:  # fmt: skip
+    """DataError saying, for each of train, valid and test that came out empty, the file it comes from
+    and why nothing of it is left. ``split`` is :func:`assign_splits`' frame, ``split_dropped`` its list."""
+    held = set(split["split"])
+    empty = [name for name in SPLITS if name not in held]
+    if empty:
+        lines = "\n".join(f"  {name}: {_why_empty(name, table, split_dropped, spec, dataset)}" for name in empty)
+        names = " and ".join(filter(None, [", ".join(empty[:-1]), empty[-1]]))
+        raise DataError(f"the {names} split{'s are' if len(empty) > 1 else ' is'} empty; "
+                        f"no split file written:\n{lines}")  # fmt: skip
 
 
 def _write_atomic(write, path: Path) -> None:

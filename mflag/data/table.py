@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -26,6 +28,7 @@ MISSING_REPORT = "missing report"
 MISSING_FILE = "missing file"
 UNREADABLE_FILE = "unreadable file"
 DUPLICATE_ROW = "duplicate row"
+OUTSIDE_ROOT = "path outside the dataset root"
 
 
 class DataError(Exception):
@@ -42,6 +45,7 @@ class DatasetTable:
     excluded: counts excluded by protocol, e.g. ``{"lateral": 123}``.
     boxes: image_id -> [(x1, y1, x2, y2)] in original pixel coordinates (rsna, objcxr).
     rles: image_id -> its EncodedPixels strings, '-1' omitted (siim).
+    sources: official split ('train' | 'valid' | 'test' | '' for the pool) -> the file its rows come from.
     """
 
     rows: pd.DataFrame
@@ -49,11 +53,34 @@ class DatasetTable:
     excluded: dict[str, int] = field(default_factory=dict)
     boxes: dict[str, list[tuple[float, float, float, float]]] = field(default_factory=dict)
     rles: dict[str, list[str]] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 def line_of(index: int) -> int:
     """1-based line number in a headed CSV of the data row at 0-based position ``index``."""
     return index + 2
+
+
+def escapes_root(root: Path, rel: str) -> bool:
+    """Whether ``rel``, a path read from a data file, leads outside the dataset ``root``.
+
+    Decided on the text alone, before the file system is asked anything: an absolute path, ``..`` steps
+    that climb above the root, or a NUL byte escape. The answer never depends on whether a file exists, so
+    no report tells which files exist outside the root. Symbolic links inside the root are followed: they
+    are the user's own layout (image folders on another disk, DVC's ``cache.type: symlink``), not something
+    a data file can create. Every reader calls this.
+    """
+    rel = str(rel)
+    norm = posixpath.normpath(rel.replace(os.sep, "/"))
+    return "\0" in rel or os.path.isabs(rel) or norm == ".." or norm.startswith("../")
+
+
+def drop_if_outside(root: Path, rel: str, dropped: list[tuple[str, str]]) -> bool:
+    """True, with ``(rel, OUTSIDE_ROOT)`` added to ``dropped``, when ``rel`` escapes ``root``."""
+    if escapes_root(root, rel):
+        dropped.append((rel, OUTSIDE_ROOT))
+        return True
+    return False
 
 
 def require_file(path: Path) -> Path:
@@ -103,6 +130,7 @@ def make_table(
     excluded: dict[str, int] | None = None,
     boxes: dict | None = None,
     rles: dict | None = None,
+    sources: dict[str, str] | None = None,
 ) -> DatasetTable:
     """Build the sorted table; duplicate image_ids are a DataError naming ``source``."""
     columns = list(BASE_COLUMNS) + list(label_columns)
@@ -124,6 +152,7 @@ def make_table(
         excluded={k: int(v) for k, v in sorted((excluded or {}).items()) if v},
         boxes=boxes or {},
         rles=rles or {},
+        sources={k: str(v) for k, v in (sources or {}).items()},
     )
 
 
