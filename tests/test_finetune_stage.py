@@ -173,7 +173,6 @@ def test_valid_and_test_subsets_with_one_class_write_a_null_auc_with_its_reason(
     assert not (folder / "live/plots/metrics/valid_metric.tsv").exists()
 
 
-@pytest.mark.slow  # a detection run through the stage; tests/test_detect.py checks the same record in-process
 def test_a_test_subset_without_a_box_writes_a_null_map_with_its_reason(workdir, tmp_path):
     wd, cache, index = _broken_copy(workdir, tmp_path, "rsna")
     boxes = pd.read_csv(cache / "boxes.csv", dtype={"image_id": str})
