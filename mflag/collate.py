@@ -1,26 +1,25 @@
-"""Collation: every fine-tuning cell and the pretraining run into paper-style tables, plots and claims.
+"""Collation: every fine-tuning cell and both pretraining runs into paper-style tables, plots and claims.
 
-Inputs are the cells' ``metrics.json`` (one per job x fraction x init), the pretraining metrics and
-CSVs, and the published figures (``references/paper_reference.yaml``, percent). Everything written
-is small, deterministic (sorted, no time stamps, PNGs without a software tag) and meant for Git:
+Inputs are the cells' ``metrics.json`` and ``bootstrap.csv`` (one per job x fraction x encoder of params
+``encoders``), the pretraining metrics, CSVs and timings of M-FLAG and of the ConVIRT-style baseline, the
+reference figures (``references/paper_reference.yaml``, percent) and the paper configuration
+(``configs/paper.yaml``). Everything written is small and deterministic except what claim (d) quotes from the
+timing files (sorted, no time stamps, PNGs without a software tag) and meant for Git:
 
-* ``metrics.json``: ``{job: {init: {pct<p>: {metric: value}}}, "pretrain": {key: value}}``, values
-  as the cells wrote them (fractions, not percent, rounded by ``mflag.io.rounded``); only each job's own
-  metric is kept. A cell whose metric is not evaluable (null, with its ``not_evaluable`` reason) keeps null.
-* ``tables/{classification,segmentation,detection}.{md,tex,csv}``: one row per encoder init, columns
-  dataset x 1 % / 10 % / 100 %, values in percent with one decimal, then a ``published`` row holding
-  the paper's figure in the 100 % columns. The best init per column is the highest unrounded value
-  (exact ties all marked; the published row is not compared): **bold** in md and tex; in csv a last
-  column ``best`` lists, ``;``-separated, the column headers in which that row is best. A cell not run
-  is a dash in md and tex and an empty field in csv (the published row's 1 % / 10 % fields are empty
-  too: nothing was published for them). A cell that ran but whose metric is not evaluable is ``n/a`` in md
-  and tex and an empty field in csv, whose last column ``not_evaluable`` lists, ``;``-separated,
-  ``<header>: <reason>`` for that row; md and tex give the reasons in a note.
-* ``tables/pretraining.{md,tex,csv}``: final losses, retrieval, feature geometry, parameter counts.
-* ``plots/fraction/<job>.csv`` (``pct,mflag,random[,imagenet]``, fractions; an empty field where a cell
-  is missing or not evaluable), ``plots/fraction.png``, ``plots/losses.png``, ``plots/spectrum.png``.
-* ``claims.md``: the paper's headline claims, each supported, not supported or not evaluable (a cell
-  whose metric is not evaluable counts as not evaluable there, with its reason).
+* ``metrics.json``: ``{job: {encoder: {pct<p>: {...}}}, "pretrain": {...}, "pretrain_convirt": {...}}``; per
+  cell the job's metric (a fraction, rounded by ``mflag.io.rounded``; null where not evaluable), its bootstrap
+  interval ``<metric>_lo`` / ``<metric>_hi``, ``<metric>_sd`` where the cell averages several probe seeds,
+  and for every other encoder ``vs_<other>: {<metric>_diff, <metric>_diff_lo, <metric>_diff_hi}`` (this
+  encoder minus the other, paired over the same test resamples).
+* ``tables/{classification,segmentation,detection}.{md,tex,csv}``: one row per encoder, columns dataset x
+  1 % / 10 % / 100 %, the value in percent and its interval; then the reference rows. Bold: the highest value
+  per column. ``tables/<table>_differences.{md,csv}``: every pair of encoders, the paired difference and its
+  interval, marked ``*`` where the interval excludes 0.
+* ``tables/pretraining.{md,tex,csv}``: losses, retrieval, feature geometry and parameter counts of both runs.
+* ``plots/fraction/<job>.csv`` (``pct,encoder,value,lo,hi``, fractions), ``plots/fraction.png`` (with the
+  intervals), ``plots/losses.png``, ``plots/spectrum.png``.
+* ``claims.md``: the paper's headline claims, each supported, not supported or not evaluable, with the figures
+  and intervals behind the verdict.
 
 Every cell file must be strict JSON: a ``NaN`` or ``Infinity`` token is an error naming the file.
 """
@@ -29,16 +28,19 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from mflag.io import atomic_write, rounded, write_json
 from mflag.jobs import JOBS, PCTS, TASK_TABLES, cell_name
+from mflag.stats import interval, paired_difference
 
 
 class CollateError(ValueError):
@@ -46,22 +48,77 @@ class CollateError(ValueError):
 
 
 TABLES = tuple(TASK_TABLES.values())
-INIT_LABELS = {"mflag": "M-FLAG", "random": "Random", "imagenet": "ImageNet"}
 METRIC_LABELS = {"auc": "AUC", "acc": "ACC", "dice": "Dice", "map": "mAP"}
-PUBLISHED_LABEL = "published (M-FLAG paper, fraction not stated; assumed 100%)"
-PAPER_REDUCTION = 0.78  # "78% fewer trainable parameters" (abstract)
+PAPER_REDUCTION = 0.78  # "reduces the number of parameters by 78%" (abstract)
 REDUCTION_TOLERANCE = 0.02  # fraction points: rounding, and the LM's own size differing slightly
 
-Cells = dict[tuple[str, int, str], float | None]  # (job, pct, init) -> the job's metric, a fraction; None: n/a
-Reasons = dict[tuple[str, int, str], str]  # (job, pct, init) -> why its metric is not evaluable
-Spreads = dict[tuple[str, int, str], tuple[float, int]]  # (job, pct, init) -> (SD over seeds, number of seeds)
+Key = tuple[str, int, str]  # (job, pct, encoder)
+Cells = dict[Key, float | None]  # the job's metric, a fraction; None: not evaluable
+Reasons = dict[Key, str]  # why a cell's metric is not evaluable
+Spreads = dict[Key, tuple[float, int]]  # (SD over probe seeds, number of seeds)
 
 
 @dataclass(frozen=True)
-class Reference:
+class Diff:
+    """Encoder a minus encoder b in one (job, fraction) or across two cells: the point difference and its
+    paired bootstrap interval (None where too few resamples are defined)."""
+
+    diff: float
+    lo: float | None
+    hi: float | None
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.lo is not None and self.hi is not None and (self.lo > 0 or self.hi < 0)
+
+
+@dataclass(frozen=True)
+class RefRow:
+    key: str
+    label: str
     source: str
-    fraction_note: str
-    published: dict[str, float]  # job -> the paper's figure, percent
+    protocol: str
+    values: dict[tuple[str, int], float]  # (job, pct) -> percent
+
+
+@dataclass
+class Study:
+    """Everything read from the cells, with the intervals and paired differences derived from them."""
+
+    encoders: dict[str, str]  # name -> label, in params order
+    cells: Cells
+    reasons: Reasons = field(default_factory=dict)
+    spreads: Spreads = field(default_factory=dict)
+    replicates: dict[Key, np.ndarray] = field(default_factory=dict)
+    level: float = 0.95
+    intervals: dict[Key, tuple[float | None, float | None]] = field(default_factory=dict)
+    diffs: dict[tuple[str, int, str, str], Diff] = field(default_factory=dict)  # (job, pct, a, b)
+
+    def __post_init__(self) -> None:
+        for key, reps in self.replicates.items():
+            if self.cells.get(key) is not None:
+                self.intervals[key] = tuple(None if x is None else rounded(x) for x in interval(reps, self.level))
+        for job in JOBS:
+            for pct in PCTS:
+                for a, b in itertools.permutations(self.encoders, 2):
+                    d = self.paired(job, pct, a, job, pct, b)
+                    if d is not None:
+                        self.diffs[(job, pct, a, b)] = d
+
+    def paired(self, job_a: str, pct_a: int, a: str, job_b: str, pct_b: int, b: str) -> Diff | None:
+        """Cell (job_a, pct_a, a) minus cell (job_b, pct_b, b), paired over the same test resamples; None where
+        either is missing or not evaluable."""
+        ka, kb = (job_a, pct_a, a), (job_b, pct_b, b)
+        va, vb = self.cells.get(ka), self.cells.get(kb)
+        if va is None or vb is None:
+            return None
+        lo = hi = None
+        if ka in self.replicates and kb in self.replicates:
+            lo, hi = paired_difference(self.replicates[ka], self.replicates[kb], self.level)
+        return Diff(rounded(va - vb), lo if lo is None else rounded(lo), hi if hi is None else rounded(hi))
+
+    def missing(self) -> list[str]:
+        return [cell_name(j, p, e) for e in self.encoders for j in JOBS for p in PCTS if (j, p, e) not in self.cells]
 
 
 # ------------------------------------------------------------------------------------------ read
@@ -82,20 +139,21 @@ def _load_json(path: Path):
         raise CollateError(f"{path}: not valid JSON ({err})") from None
 
 
-def _cell_records(finetune_dir: str | Path):
-    """(job, pct, init, path, record) of every cell present under `finetune_dir` (<job>-<pct>-<init>/metrics.json),
-    each checked to be JSON whose job, pct and init match its folder."""
+def _cell_records(finetune_dir: str | Path, encoders):
+    """(job, pct, encoder, path, record) of every cell of the listed encoders present under `finetune_dir`
+    (<job>-<pct>-<encoder>/metrics.json), each checked to be JSON whose job, pct and encoder match its folder.
+    Folders of encoders no longer listed (an earlier experiment's) are not read."""
     for job in JOBS:
         for pct in PCTS:
-            for init in INIT_LABELS:
-                path = Path(finetune_dir) / cell_name(job, pct, init) / "metrics.json"
+            for enc in encoders:
+                path = Path(finetune_dir) / cell_name(job, pct, enc) / "metrics.json"
                 if not path.is_file():
                     continue
                 rec = _load_json(path)
-                for key, want in (("job", job), ("pct", pct), ("init", init)):
+                for key, want in (("job", job), ("pct", pct), ("encoder", enc)):
                     if rec.get(key) != want:
                         raise CollateError(f"{path}: `{key}` is {rec.get(key)!r}, the folder name says {want!r}")
-                yield job, pct, init, path, rec
+                yield job, pct, enc, path, rec
 
 
 def _reason(path: Path, rec: dict, metric: str) -> str | None:
@@ -111,43 +169,65 @@ def _reason(path: Path, rec: dict, metric: str) -> str | None:
     return None
 
 
-def read_cells(finetune_dir: str | Path) -> Cells:
-    """The metric of every cell present under `finetune_dir` (<job>-<pct>-<init>/metrics.json), rounded
-    (mflag.io.rounded); None where the cell wrote it as null, not evaluable (see :func:`read_not_evaluable`)."""
+def _spread(path: Path, rec: dict, metric: str) -> tuple[float, int] | None:
+    sd, seeds = rec.get(f"{metric}_sd"), rec.get("seeds")
+    if rec.get(metric) is None or (sd is None and seeds is None):
+        return None  # a metric not evaluable (its SD is null too), or a single run
+    if not _number(sd) or not isinstance(seeds, list) or len(seeds) < 2:
+        raise CollateError(f"{path}: `{metric}_sd` must be a finite number and `seeds` a list of two or more, "
+                           f"got {sd!r} and {seeds!r}")  # fmt: skip
+    return rounded(float(sd)), len(seeds)
+
+
+def _read_bootstrap(path: Path, metric: str, resamples) -> np.ndarray:
+    """bootstrap.csv: a header naming the metric, then one value per resample (empty: undefined on it)."""
+    if not path.is_file():
+        raise CollateError(f"{path}: not found (every cell writes its bootstrap replicates next to metrics.json)")
+    lines = path.read_text().splitlines()
+    if not lines or lines[0] != metric or len(lines) - 1 != resamples:
+        raise CollateError(f"{path}: must hold the header `{metric}` and {resamples} lines (the cell's "
+                           f"`bootstrap.resamples`), got {len(lines) - 1 if lines else 0}")  # fmt: skip
+    try:
+        reps = np.array([float(v) if v else math.nan for v in lines[1:]])
+    except ValueError as err:
+        raise CollateError(f"{path}: not a number: {err}") from None
+    if np.isinf(reps).any():
+        raise CollateError(f"{path}: infinite values")
+    return reps
+
+
+def read_study(finetune_dir: str | Path, encoders: dict[str, str], level: float) -> Study:
+    """Every cell of the listed `encoders` (name -> label) under `finetune_dir`, with its replicates; cells of one
+    job must share their test cases and resamples (``test_set``, ``bootstrap``) to be paired."""
     cells: Cells = {}
-    for job, pct, init, path, rec in _cell_records(finetune_dir):
-        metric = JOBS[job].metric
-        cells[(job, pct, init)] = None if _reason(path, rec, metric) is not None else rounded(float(rec[metric]))
-    return cells
-
-
-def read_not_evaluable(finetune_dir: str | Path) -> Reasons:
-    """Why each cell whose metric is null is not evaluable (its `not_evaluable`)."""
     reasons: Reasons = {}
-    for job, pct, init, path, rec in _cell_records(finetune_dir):
-        reason = _reason(path, rec, JOBS[job].metric)
-        if reason is not None:
-            reasons[(job, pct, init)] = reason
-    return reasons
-
-
-def read_spreads(finetune_dir: str | Path) -> Spreads:
-    """Cells that report a mean over several seeds (``seeds`` and ``<metric>_sd``): their SD and seed count."""
     spreads: Spreads = {}
-    for job, pct, init, path, rec in _cell_records(finetune_dir):
+    reps: dict[Key, np.ndarray] = {}
+    design: dict[str, tuple[Path, tuple]] = {}  # job -> (first cell's file, its test set and resamples)
+    for job, pct, enc, path, rec in _cell_records(finetune_dir, encoders):
         metric = JOBS[job].metric
-        sd, seeds = rec.get(f"{metric}_sd"), rec.get("seeds")
-        if rec.get(metric) is None or (sd is None and seeds is None):
-            continue  # a metric not evaluable (its SD is null too), or a single run
-        if not _number(sd) or not isinstance(seeds, list) or len(seeds) < 2:
-            raise CollateError(f"{path}: `{metric}_sd` must be a finite number and `seeds` a list of two or more, "
-                               f"got {sd!r} and {seeds!r}")  # fmt: skip
-        spreads[(job, pct, init)] = (rounded(float(sd)), len(seeds))
-    return spreads
+        reason = _reason(path, rec, metric)
+        cells[(job, pct, enc)] = None if reason else rounded(float(rec[metric]))
+        if reason:
+            reasons[(job, pct, enc)] = reason
+        spread = _spread(path, rec, metric)
+        if spread:
+            spreads[(job, pct, enc)] = spread
+        boot = rec.get("bootstrap")
+        if not isinstance(boot, dict) or not isinstance(boot.get("resamples"), int) or "test_set" not in rec:
+            raise CollateError(f"{path}: needs `test_set` and `bootstrap` {{resamples, seed, key}} (written by "
+                               "stages/finetune.py)")  # fmt: skip
+        mine = (rec["test_set"], boot["resamples"], boot.get("seed"), boot.get("key"))
+        first = design.setdefault(job, (path, mine))
+        if first[1] != mine:
+            raise CollateError(f"{path} and {first[0]}: scored on other test cases or resamples (test_set, bootstrap "
+                               f"{mine} vs {first[1]}), so they cannot be paired; re-run the job's cells")  # fmt: skip
+        reps[(job, pct, enc)] = _read_bootstrap(path.with_name("bootstrap.csv"), metric, boot["resamples"])
+    return Study(encoders, cells, reasons, spreads, reps, level)
 
 
 def read_pretrain(path: str | Path) -> dict[str, float]:
-    """The scalar entries of the pretraining metrics, rounded (non-numeric ones, null included, are left out)."""
+    """The scalar entries of a pretraining metrics file, rounded (non-numeric ones, null included, left out)."""
     rec = _load_json(Path(path))
     dotted = [k for k in rec if "." in k]
     if dotted:
@@ -164,65 +244,95 @@ def read_columns(path: str | Path) -> dict[str, list[float]]:
     return {k: [float(r[k]) for r in rows] for k in rows[0]}
 
 
-def read_reference(path: str | Path) -> Reference:
-    """paper_reference.yaml: source, fraction_note and mflag_published {job: {metric: percent}}."""
-    raw = yaml.safe_load(Path(path).read_text())
-    published = {}
-    for job, entry in (raw.get("mflag_published") or {}).items():
-        metric = JOBS[job].metric if job in JOBS else None
-        if metric is None or not isinstance(entry, dict) or set(entry) != {metric} or not _number(entry[metric]):
-            raise CollateError(f"{path}: mflag_published.{job} must be a job ({', '.join(JOBS)}) holding its metric "
-                               "as a number")
-        published[job] = float(entry[metric])
-    return Reference(source=str(raw["source"]), fraction_note=str(raw["fraction_note"]), published=published)
+LM_KEYS = ("name", "layers", "hidden_size", "heads", "intermediate_size", "parameters")
+
+
+def read_language_model(path: str | Path) -> dict:
+    """paper_reference.yaml's `paper_language_model`: the facts claim (a) counts the paper configuration from."""
+    lm = (yaml.safe_load(Path(path).read_text()) or {}).get("paper_language_model")
+    if not isinstance(lm, dict) or set(lm) != set(LM_KEYS) or not all(_number(lm[k]) for k in LM_KEYS[1:]):
+        raise CollateError(f"{path}: `paper_language_model` must hold {', '.join(LM_KEYS)} (numbers but the name)")
+    return lm
+
+
+def read_reference(path: str | Path) -> list[RefRow]:
+    """paper_reference.yaml: `rows`, each {key, label, source, protocol, values: {job: {pct<p>: percent}}}."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    rows = []
+    for i, row in enumerate(raw.get("rows") or []):
+        where = f"{path}: rows[{i}]"
+        if not isinstance(row, dict) or set(row) != {"key", "label", "source", "protocol", "values"}:
+            raise CollateError(f"{where} must hold exactly key, label, source, protocol and values")
+        values = {}
+        for job, entry in (row["values"] or {}).items():
+            if job not in JOBS or not isinstance(entry, dict):
+                raise CollateError(f"{where}.values.{job}: not a job of mflag/jobs.py ({', '.join(JOBS)}) holding "
+                                   "pct1 / pct10 / pct100 values")  # fmt: skip
+            for pkey, value in entry.items():
+                pct = int(pkey[3:]) if isinstance(pkey, str) and pkey[3:].isdigit() else None
+                if not str(pkey).startswith("pct") or pct not in PCTS or not _number(value):
+                    raise CollateError(f"{where}.values.{job}.{pkey}: keys are pct1, pct10, pct100 and values "
+                                       "numbers (percent)")  # fmt: skip
+                values[(job, pct)] = float(value)
+        if not all(isinstance(row[k], str) and row[k].strip() for k in ("key", "label", "source", "protocol")):
+            raise CollateError(f"{where}: key, label, source and protocol must be non-empty text")
+        rows.append(RefRow(row["key"], row["label"], row["source"].strip(), row["protocol"].strip(), values))
+    return rows
 
 
 # --------------------------------------------------------------------------------------- metrics
-def present_inits(cells: Cells) -> list[str]:
-    """mflag and random always; imagenet where any of its cells exists."""
-    return [i for i in INIT_LABELS if i != "imagenet" or any(k[2] == i for k in cells)]
-
-
-def missing_cells(cells: Cells) -> list[str]:
-    return [cell_name(j, p, i) for i in present_inits(cells) for j in JOBS for p in PCTS if (j, p, i) not in cells]
-
-
-def collated_metrics(cells: Cells, pretrain: dict[str, float], spreads: Spreads | None = None) -> dict:
-    """The nested metrics whose flattened keys read <job>.<init>.pct<p>.<metric> (plus <metric>_sd where a
-    cell reports a mean over seeds) and pretrain.<key>; a metric not evaluable is None (null)."""
+def collated_metrics(study: Study, pretrain: dict[str, dict[str, float]]) -> dict:
+    """The nested metrics whose flattened keys read <job>.<encoder>.pct<p>.<metric> (with _lo, _hi, _sd and
+    vs_<other>.<metric>_diff[_lo|_hi]) and <run>.<key> for the pretraining runs."""
     out: dict = {}
-    for job, pct, init in sorted(cells, key=lambda k: (k[0], k[2], f"pct{k[1]}")):
-        metric = JOBS[job].metric
-        entry = {metric: cells[(job, pct, init)]}
-        if spreads and (job, pct, init) in spreads:
-            entry[f"{metric}_sd"] = spreads[(job, pct, init)][0]
-        out.setdefault(job, {}).setdefault(init, {})[f"pct{pct}"] = entry
-    out["pretrain"] = {k: pretrain[k] for k in sorted(pretrain)}
+    for job, pct, enc in sorted(study.cells, key=lambda k: (k[0], k[2], f"pct{k[1]}")):
+        m = JOBS[job].metric
+        entry: dict = {m: study.cells[(job, pct, enc)]}
+        if (job, pct, enc) in study.intervals:
+            entry[f"{m}_lo"], entry[f"{m}_hi"] = study.intervals[(job, pct, enc)]
+        if (job, pct, enc) in study.spreads:
+            entry[f"{m}_sd"] = study.spreads[(job, pct, enc)][0]
+        for other in study.encoders:
+            d = study.diffs.get((job, pct, enc, other))
+            if d is not None:
+                entry[f"vs_{other}"] = {f"{m}_diff": d.diff, f"{m}_diff_lo": d.lo, f"{m}_diff_hi": d.hi}
+        out.setdefault(job, {}).setdefault(enc, {})[f"pct{pct}"] = entry
+    for run, values in pretrain.items():
+        out[run] = {k: values[k] for k in sorted(values)}
     return {k: out[k] for k in sorted(out)}
 
 
 # ---------------------------------------------------------------------------------------- tables
 @dataclass(frozen=True)
 class Row:
-    key: str  # init key, or "published"
+    key: str  # encoder name, or a reference row's key
     label: str
     values: list[float | None]  # percent
     best: list[bool]
+    lo: list[float | None] = field(default_factory=list)  # percent; the interval's bounds
+    hi: list[float | None] = field(default_factory=list)
     reasons: list[str | None] = field(default_factory=list)  # per column: why the cell is not evaluable, or None
 
-    def shown(self, column: int, dash: str) -> str:
-        """A value in percent with one decimal; `n/a` where not evaluable, `dash` where not run."""
+    def shown(self, column: int, dash: str, tex: bool = False) -> str:
+        """A value in percent with one decimal and its interval; `n/a` where not evaluable, `dash` where not run."""
         if self.reasons and self.reasons[column] is not None:
             return "n/a"
-        return _pct(self.values[column], dash)
+        text = _pct(self.values[column], dash)
+        if self.lo and self.lo[column] is not None and self.hi[column] is not None:
+            bounds = f"[{self.lo[column]:.1f}, {self.hi[column]:.1f}]"
+            text += rf" {{\scriptsize {bounds}}}" if tex else f" {bounds}"
+        return text
 
 
 @dataclass(frozen=True)
 class Table:
+    name: str
     jobs: list[str]
     rows: list[Row]
-    published: Row
+    references: list[Row]
+    ref_notes: list[str]
     missing: list[str]
+    level: float = 0.95
     seeds: list[int] = field(default_factory=list)  # distinct seed counts of the cells that report a mean
     not_evaluable: list[str] = field(default_factory=list)  # "<cell> (<reason>)" of the cells shown as n/a
 
@@ -235,28 +345,8 @@ class Table:
         return [f"{JOBS[j].label} {METRIC_LABELS[JOBS[j].metric]} {p}%" for j, p in self.columns]
 
 
-def _not_evaluable(cells: Cells, reasons: Reasons | None, key: tuple[str, int, str]) -> str | None:
-    """Why a cell that ran is not evaluable (its metric is None), or None for a number or a cell not run."""
-    if key in cells and cells[key] is None:
-        return (reasons or {}).get(key) or "reason not given"
-    return None
-
-
-def fraction_table(cells: Cells, table: str, reference: Reference, spreads: Spreads | None = None,
-                   reasons: Reasons | None = None) -> Table:  # fmt: skip
-    jobs = [j for j, spec in JOBS.items() if TASK_TABLES[spec.task] == table]
-    columns = [(j, p) for j in jobs for p in PCTS]
-    inits = present_inits(cells)
-    values = {i: [_percent(cells.get((j, p, i))) for j, p in columns] for i in inits}
-    why = {i: [_not_evaluable(cells, reasons, (j, p, i)) for j, p in columns] for i in inits}
-    best = [max((v[c] for v in values.values() if v[c] is not None), default=None) for c in range(len(columns))]
-    rows = [Row(i, INIT_LABELS[i], v, [x is not None and x == b for x, b in zip(v, best)], why[i])
-            for i, v in values.items()]  # fmt: skip
-    pub = [reference.published.get(j) if p == 100 else None for j, p in columns]
-    missing = [m for m in missing_cells(cells) if m.rsplit("-", 2)[0] in jobs]
-    seeds = sorted({n for (j, _, _), (_, n) in (spreads or {}).items() if j in jobs})
-    na = [f"{cell_name(j, p, i)} ({why[i][c]})" for i in inits for c, (j, p) in enumerate(columns) if why[i][c]]
-    return Table(jobs, rows, Row("published", PUBLISHED_LABEL, pub, [False] * len(columns)), missing, seeds, na)
+def _jobs_of(table: str) -> list[str]:
+    return [j for j, spec in JOBS.items() if TASK_TABLES[spec.task] == table]
 
 
 def _percent(value: float | None) -> float | None:
@@ -267,6 +357,27 @@ def _pct(value: float | None, dash: str = "-") -> str:
     return dash if value is None else f"{value:.1f}"
 
 
+def fraction_table(study: Study, table: str, references: list[RefRow]) -> Table:
+    jobs = _jobs_of(table)
+    columns = [(j, p) for j in jobs for p in PCTS]
+    rows = []
+    values = {e: [_percent(study.cells.get((j, p, e))) for j, p in columns] for e in study.encoders}
+    best = [max((v[c] for v in values.values() if v[c] is not None), default=None) for c in range(len(columns))]
+    na = []
+    for enc, label in study.encoders.items():
+        bounds = [study.intervals.get((j, p, enc), (None, None)) for j, p in columns]
+        why = [study.reasons.get((j, p, enc)) if study.cells.get((j, p, enc), 0) is None else None for j, p in columns]
+        na += [f"{cell_name(j, p, enc)} ({w})" for (j, p), w in zip(columns, why) if w]
+        rows.append(Row(enc, label, values[enc], [x is not None and x == b for x, b in zip(values[enc], best)],
+                        [_percent(lo) for lo, _ in bounds], [_percent(hi) for _, hi in bounds], why))  # fmt: skip
+    refs = [r for r in references if any(k[0] in jobs for k in r.values)]
+    ref_rows = [Row(r.key, r.label, [r.values.get(c) for c in columns], [False] * len(columns)) for r in refs]
+    notes = [f"{r.label}: {r.source}; {r.protocol}." for r in refs]
+    missing = [m for m in study.missing() if m.rsplit("-", 2)[0] in jobs]
+    seeds = sorted({n for (j, _, _), (_, n) in study.spreads.items() if j in jobs})
+    return Table(table, jobs, rows, ref_rows, notes, missing, study.level, seeds, na)
+
+
 _TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                 "{": r"\{", "}": r"\}", "|": r"\textbar{}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
@@ -275,13 +386,15 @@ def _tex(text: str) -> str:
     return re.sub(r"[\\&%$#_{}|~^]", lambda m: _TEX_ESCAPES[m.group()], text)
 
 
-def _source_note(reference: Reference) -> str:
-    return f"Source: {reference.source}; {reference.fraction_note}."
+def _level(level: float) -> str:
+    return f"{100 * level:g}%"
 
 
 def _table_notes(table: Table, dash: str) -> list[str]:
-    notes = [f"Values in percent on the test split. Bold: the best encoder init per column (highest unrounded "
-             f"value; the published row is not compared). {dash}: cell not run."]  # fmt: skip
+    notes = [f"Values in percent on the test split, with the {_level(table.level)} bootstrap interval over test cases "
+             f"in brackets. Bold: the best encoder per column (highest unrounded value; reference rows are not "
+             f"compared); whether a difference is more than chance is in the {table.name}_differences table. "
+             f"{dash}: cell not run."]  # fmt: skip
     if table.seeds:
         counts = " or ".join(str(n) for n in table.seeds)
         notes.append(f"Each value is the mean over {counts} seeds of the cell's probe, trained on the same encoder "
@@ -294,18 +407,19 @@ def _table_notes(table: Table, dash: str) -> list[str]:
     return notes
 
 
-def render_md(table: Table, reference: Reference) -> str:
+def render_md(table: Table) -> str:
     lines = ["| Encoder | " + " | ".join(table.headers) + " |", "|---|" + "---:|" * len(table.headers)]
     for row in table.rows:
         cells = [f"**{row.shown(c, '-')}**" if b else row.shown(c, "-") for c, b in enumerate(row.best)]
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
-    pub = [_pct(v) if p == 100 else "" for v, (_, p) in zip(table.published.values, table.columns)]
-    lines.append(f"| {table.published.label}[^published] | " + " | ".join(pub) + " |")
-    notes = [""] + _table_notes(table, "-") + ["", f"[^published]: {_source_note(reference)}"]
+    for k, ref in enumerate(table.references, 1):
+        lines.append(f"| {ref.label}[^ref{k}] | " + " | ".join(_pct(v, "") for v in ref.values) + " |")
+    notes = [""] + _table_notes(table, "-") + [""] * bool(table.ref_notes)
+    notes += [f"[^ref{k}]: {note}" for k, note in enumerate(table.ref_notes, 1)]
     return "\n".join(lines + notes) + "\n"
 
 
-def render_tex(table: Table, reference: Reference) -> str:
+def render_tex(table: Table) -> str:
     n = len(table.headers)
     groups = " & ".join(
         rf"\multicolumn{{3}}{{c}}{{{_tex(JOBS[j].label)} ({METRIC_LABELS[JOBS[j].metric]})}}" for j in table.jobs
@@ -321,13 +435,17 @@ def render_tex(table: Table, reference: Reference) -> str:
         r"\midrule",
     ]
     for row in table.rows:
-        cells = [rf"\textbf{{{row.shown(c, '--')}}}" if b else row.shown(c, "--") for c, b in enumerate(row.best)]
+        cells = [row.shown(c, "--", tex=True) for c in range(n)]
+        cells = [rf"\textbf{{{c}}}" if b else c for c, b in zip(cells, row.best)]
         lines.append(f"{_tex(row.label)} & " + " & ".join(cells) + r" \\")
-    pub = [_pct(v, "--") if p == 100 else "" for v, (_, p) in zip(table.published.values, table.columns)]
-    lines += [r"\midrule", f"{_tex(table.published.label)}$^\\dagger$ & " + " & ".join(pub) + r" \\",
-              r"\bottomrule", r"\end{tabular}", "",
+    if table.references:
+        lines.append(r"\midrule")
+    for k, ref in enumerate(table.references, 1):
+        lines.append(f"{_tex(ref.label)}$^{{{k}}}$ & " + " & ".join(_pct(v, "") for v in ref.values) + r" \\")
+    refs = " ".join(rf"$^{{{k}}}${_tex(note)}" for k, note in enumerate(table.ref_notes, 1))
+    lines += [r"\bottomrule", r"\end{tabular}", "",
               r"\smallskip{\footnotesize " + " ".join(_tex(s) for s in _table_notes(table, "--"))
-              + rf" $^\dagger${_tex(_source_note(reference))}}}"]  # fmt: skip
+              + (f" {refs}" if refs else "") + "}"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -340,20 +458,64 @@ def _csv_text(header: list[str], rows: list[list]) -> str:
 
 
 def render_csv(table: Table) -> str:
+    """One row per encoder and reference row; per column the value, then `<header> lo` and `<header> hi`."""
     headers = table.headers
     rows = []
-    for row in [*table.rows, table.published]:
+    for row in [*table.rows, *table.references]:
         best = ";".join(h for h, b in zip(headers, row.best) if b)
         na = ";".join(f"{h}: {r}" for h, r in zip(headers, row.reasons or [None] * len(headers)) if r is not None)
-        rows.append([row.key, row.label, *[_pct(v, "") for v in row.values], best, na])
-    return _csv_text(["init", "label", *headers, "best", "not_evaluable"], rows)
+        values = []
+        for c in range(len(headers)):
+            values += [_pct(row.values[c], ""), *(_pct(b[c], "") if b else "" for b in (row.lo, row.hi))]
+        rows.append([row.key, row.label, *values, best, na])
+    header = [x for h in headers for x in (h, f"{h} lo", f"{h} hi")]
+    return _csv_text(["encoder", "label", *header, "best", "not_evaluable"], rows)
+
+
+def _diff_text(d: Diff | None, dash: str) -> str:
+    if d is None:
+        return dash
+    text = f"{100 * d.diff:+.1f}"
+    if d.lo is not None and d.hi is not None:
+        text += f" [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}]"
+    return text + ("*" if d.excludes_zero else "")
+
+
+def _pairs(study: Study) -> list[tuple[str, str]]:
+    """Every pair of encoders once, in params order (the first listed minus the later one)."""
+    return list(itertools.combinations(study.encoders, 2))
+
+
+def render_differences(study: Study, table: str) -> dict[str, str]:
+    """The paired differences of every pair of encoders, per column, as {"md": ..., "csv": ...}."""
+    jobs = _jobs_of(table)
+    columns = [(j, p) for j in jobs for p in PCTS]
+    headers = [f"{JOBS[j].label} {METRIC_LABELS[JOBS[j].metric]} {p}%" for j, p in columns]
+    md = ["| Difference | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(headers)]
+    rows = []
+    for a, b in _pairs(study):
+        diffs = [study.diffs.get((j, p, a, b)) for j, p in columns]
+        md.append(f"| {study.encoders[a]} - {study.encoders[b]} | " + " | ".join(_diff_text(d, "-") for d in diffs)
+                  + " |")  # fmt: skip
+        cells = []
+        for d in diffs:
+            cells += [_repr(None if d is None else 100 * d.diff), *(_repr(None if d is None or x is None else 100 * x)
+                                                                    for x in (d and d.lo, d and d.hi))]  # fmt: skip
+            cells.append("" if d is None else int(d.excludes_zero))
+        rows.append([a, b, *cells])
+    md += ["", f"Percentage points, first encoder minus second, on the same test cases; in brackets the paired "
+               f"{_level(study.level)} bootstrap interval (the same resamples of the test cases for both). *: the "
+               f"interval excludes 0. -: a cell not run or not evaluable."]  # fmt: skip
+    header = [x for h in headers for x in (f"{h} diff", f"{h} lo", f"{h} hi", f"{h} excludes_0")]
+    return {"md": "\n".join(md) + "\n", "csv": _csv_text(["encoder", "minus", *header], rows)}
 
 
 # (group, label, key, kind); kind: pct (a fraction shown in percent), count, or float
 PRETRAIN_ROWS = (
     ("loss", "total", "loss_total", "float"),
-    ("loss", "alignment", "loss_align", "float"),
-    ("loss", "orthogonality", "loss_ortho", "float"),
+    ("loss", "alignment (M-FLAG)", "loss_align", "float"),
+    ("loss", "orthogonality (M-FLAG)", "loss_ortho", "float"),
+    ("loss", "InfoNCE (ConVIRT-style)", "loss_infonce", "float"),
     ("retrieval", "image-to-text R@1", "i2t_r1", "pct"),
     ("retrieval", "image-to-text R@5", "i2t_r5", "pct"),
     ("retrieval", "image-to-text R@10", "i2t_r10", "pct"),
@@ -364,10 +526,9 @@ PRETRAIN_ROWS = (
     ("geometry", "mean absolute off-diagonal correlation", "mean_abs_offdiag_corr", "float"),
     ("parameters", "total", "params_total", "count"),
     ("parameters", "trainable", "params_trainable", "count"),
-    ("parameters", "frozen (language model)", "params_frozen", "count"),
-    ("parameters", "trainable share", "trainable_share", "pct"),
-    ("parameters", "reduction (frozen / total)", "parameter_reduction", "pct"),
+    ("parameters", "frozen", "params_frozen", "count"),
 )
+RUN_LABELS = {"pretrain": "M-FLAG", "pretrain_convirt": "ConVIRT-style"}
 
 
 def _pretrain_value(kind: str, value: float | None, thousands: bool) -> str:
@@ -380,25 +541,26 @@ def _pretrain_value(kind: str, value: float | None, thousands: bool) -> str:
     return f"{value:.4f}"
 
 
-def render_pretraining(pretrain: dict[str, float]) -> dict[str, str]:
-    """The pretraining table as {"md": ..., "tex": ..., "csv": ...}."""
-    rows = [(g, label, key, "%" if kind == "pct" else "", kind) for g, label, key, kind in PRETRAIN_ROWS]
-    n_valid = pretrain.get("valid_images")
-    note = f"Retrieval and geometry on the mimic valid split ({int(n_valid)} images)." if n_valid else ""
-    md = ["| group | quantity | value |", "|---|---|---:|"]
-    tex = ["% Written by stages/collate.py (booktabs).", r"\begin{tabular}{llr}", r"\toprule",
-           r"group & quantity & value \\", r"\midrule"]  # fmt: skip
+def render_pretraining(runs: dict[str, dict[str, float]]) -> dict[str, str]:
+    """The pretraining table of both runs (columns) as {"md": ..., "tex": ..., "csv": ...}."""
+    names = list(runs)
+    labels = [RUN_LABELS.get(r, r) for r in names]
+    n_valid = runs[names[0]].get("valid_images")
+    note = f"Retrieval and geometry on the mimic valid split ({int(n_valid)} images); percentages in %." if n_valid else ""
+    md = ["| group | quantity | " + " | ".join(labels) + " |", "|---|---|" + "---:|" * len(names)]
+    tex = ["% Written by stages/collate.py (booktabs).", rf"\begin{{tabular}}{{ll{'r' * len(names)}}}", r"\toprule",
+           "group & quantity & " + " & ".join(_tex(x) for x in labels) + r" \\", r"\midrule"]  # fmt: skip
     body = []
-    for g, label, key, unit, kind in rows:
-        shown = _pretrain_value(kind, pretrain.get(key), True) + (f" {unit}" if unit and key in pretrain else "")
-        md.append(f"| {g} | {label} | {shown} |")
-        tex.append(f"{g} & {_tex(label)} & {_tex(shown)} " + r"\\")
-        body.append([g, label, key, _pretrain_value(kind, pretrain.get(key), False), unit])
+    for g, label, key, kind in PRETRAIN_ROWS:
+        shown = [_pretrain_value(kind, runs[r].get(key), True) for r in names]
+        md.append(f"| {g} | {label} | " + " | ".join(shown) + " |")
+        tex.append(f"{g} & {_tex(label)} & " + " & ".join(_tex(s) for s in shown) + r" \\")
+        body.append([g, label, key, *[_pretrain_value(kind, runs[r].get(key), False) for r in names]])
     tex += [r"\bottomrule", r"\end{tabular}"] + ([rf"\smallskip{{\footnotesize {_tex(note)}}}"] if note else [])
     return {
         "md": "\n".join(md + ([""] + [note] if note else [])) + "\n",
         "tex": "\n".join(tex) + "\n",
-        "csv": _csv_text(["group", "quantity", "key", "value", "unit"], body),
+        "csv": _csv_text(["group", "quantity", "key", *names], body),
     }
 
 
@@ -407,11 +569,15 @@ def _repr(value: float | None) -> str:
     return "" if value is None else repr(rounded(value))
 
 
-def fraction_csv(cells: Cells, job: str) -> str:
-    """Metric (fraction) vs data fraction for one job, one column per init; empty where not run or not evaluable."""
-    inits = present_inits(cells)
-    rows = [[p, *[_repr(cells.get((job, p, i))) for i in inits]] for p in PCTS]
-    return _csv_text(["pct", *inits], rows)
+def fraction_csv(study: Study, job: str) -> str:
+    """Metric (fraction) vs data fraction for one job, long format: pct, encoder, value, lo, hi (empty where
+    not run, not evaluable or without an interval)."""
+    rows = []
+    for enc in study.encoders:
+        for p in PCTS:
+            lo, hi = study.intervals.get((job, p, enc), (None, None))
+            rows.append([p, enc, _repr(study.cells.get((job, p, enc))), _repr(lo), _repr(hi)])
+    return _csv_text(["pct", "encoder", "value", "lo", "hi"], rows)
 
 
 def _png(fig) -> bytes:
@@ -427,58 +593,73 @@ def _figure(rows: int, cols: int, size: tuple[float, float]):
     return fig, fig.subplots(rows, cols, squeeze=False)
 
 
-def fraction_png(cells: Cells, reference: Reference) -> bytes:
+def fraction_png(study: Study, references: list[RefRow]) -> bytes:
     import matplotlib.style
 
     with matplotlib.style.context("default"):  # not the user's matplotlibrc: same bytes everywhere
-        fig, axes = _figure(len(TABLES), 3, (11, 9))
+        fig, axes = _figure(len(TABLES), 3, (12, 10))
+        shift = {e: 1.06 ** (k - (len(study.encoders) - 1) / 2) for k, e in enumerate(study.encoders)}
         for r, table in enumerate(TABLES):
-            jobs = [j for j, s in JOBS.items() if TASK_TABLES[s.task] == table]
+            jobs = _jobs_of(table)
             for c, ax in enumerate(axes[r]):
                 if c >= len(jobs):
                     ax.set_axis_off()
                     continue
                 job = jobs[c]
-                for init in present_inits(cells):
-                    y = [math.nan if cells.get((job, p, init)) is None else 100 * cells[(job, p, init)] for p in PCTS]
-                    ax.plot(PCTS, y, marker="o", label=INIT_LABELS[init])
-                if job in reference.published:
-                    ax.plot([100], [reference.published[job]], marker="*", ms=12, ls="", color="0.3",
-                            label="published (assumed 100%)")  # fmt: skip
+                for enc, label in study.encoders.items():
+                    y = [math.nan if study.cells.get((job, p, enc)) is None else 100 * study.cells[(job, p, enc)]
+                         for p in PCTS]  # fmt: skip
+                    bounds = [study.intervals.get((job, p, enc), (None, None)) for p in PCTS]
+                    err = [[0.0 if lo is None or math.isnan(v) else v - 100 * lo for v, (lo, _) in zip(y, bounds)],
+                           [0.0 if hi is None or math.isnan(v) else 100 * hi - v for v, (_, hi) in zip(y, bounds)]]
+                    # the encoders side by side around each fraction, so their intervals do not hide each other
+                    ax.errorbar([p * shift[enc] for p in PCTS], y, yerr=err, marker="o", capsize=3, label=label)
+                for k, ref in enumerate(references):
+                    pts = [(p, ref.values[(job, p)]) for p in PCTS if (job, p) in ref.values]
+                    if pts:
+                        ax.plot(*zip(*pts), marker="*", ms=11, ls=":", color=str(0.2 + 0.2 * k), label=ref.label)
                 ax.set_xscale("log")
                 ax.set_xticks(PCTS, [f"{p}%" for p in PCTS])
                 ax.set_title(f"{JOBS[job].label} {METRIC_LABELS[JOBS[job].metric]} ({job})")
                 ax.set_xlabel("training data")
                 ax.set_ylabel(f"{METRIC_LABELS[JOBS[job].metric]} (%)")
                 ax.grid(alpha=0.3)
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower right", bbox_to_anchor=(0.95, 0.1))
+        seen: dict = {}
+        for ax in axes.flat:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                seen.setdefault(lab, h)
+        fig.legend(list(seen.values()), list(seen), loc="lower right", bbox_to_anchor=(0.97, 0.08), fontsize=8)
+        fig.suptitle(f"Test metric vs training data; bars: {_level(study.level)} bootstrap intervals over test cases")
         return _png(fig)
 
 
-def losses_png(losses: dict[str, list[float]]) -> bytes:
+def losses_png(losses: dict[str, dict[str, list[float]]]) -> bytes:
+    """The loss terms of each pretraining run, one panel per term."""
     import matplotlib.style
 
+    panels = [(run, key) for run, cols in losses.items() for key in cols if key not in ("step", "epoch", "lr")]
     with matplotlib.style.context("default"):
-        fig, axes = _figure(3, 1, (7, 8))
-        for ax, key in zip(axes[:, 0], ("align", "ortho", "total")):
-            ax.plot(losses["step"], losses[key])
+        fig, axes = _figure(len(panels), 1, (7, 2.2 * len(panels)))
+        for ax, (run, key) in zip(axes[:, 0], panels):
+            ax.plot(losses[run]["step"], losses[run][key])
             ax.set_ylabel(f"{key} loss")
+            ax.set_title(RUN_LABELS.get(run, run), fontsize=9)
             ax.grid(alpha=0.3)
         axes[-1, 0].set_xlabel("step")
-        axes[0, 0].set_title("Pretraining losses")
         return _png(fig)
 
 
-def spectrum_png(spectrum: dict[str, list[float]]) -> bytes:
+def spectrum_png(spectra: dict[str, dict[str, list[float]]]) -> bytes:
     import matplotlib.style
 
     with matplotlib.style.context("default"):
         fig, axes = _figure(1, 1, (7, 4.5))
         ax = axes[0, 0]
-        ax.plot(spectrum["index"], spectrum["singular_value"])
+        for run, spectrum in spectra.items():
+            ax.plot(spectrum["index"], spectrum["singular_value"], label=RUN_LABELS.get(run, run))
         ax.set_yscale("log")
         ax.set(xlabel="index", ylabel="singular value", title="Spectrum of the image features (mimic valid)")
+        ax.legend()
         ax.grid(alpha=0.3)
         return _png(fig)
 
@@ -488,122 +669,164 @@ def _claim(title: str, verdict: str, body: list[str]) -> str:
     return "\n".join([f"## {title}: **{verdict}**", "", *body, ""])
 
 
-def claim_reduction(pretrain: dict[str, float]) -> str:
-    title = "(a) 78% fewer trainable parameters"
-    if "parameter_reduction" not in pretrain:
-        return _claim(title, "not evaluable", ["reports/pretrain/metrics.json has no `parameter_reduction`."])
-    ours = pretrain["parameter_reduction"]
-    verdict = "supported" if abs(ours - PAPER_REDUCTION) <= REDUCTION_TOLERANCE else "not supported"
-    counts = ", ".join(f"{k.removeprefix('params_')} {int(pretrain[k]):,}" for k in ("params_total", "params_trainable",
-                       "params_frozen") if k in pretrain)  # fmt: skip
+def paper_parameter_counts(paper, lm: dict) -> dict[str, int]:
+    """Trainable parameters in the paper configuration (`paper`: configs/paper.yaml, parsed), counted from the
+    modules themselves: torchvision's ResNet-50 trunk, this project's projectors, and transformers' BERT layer of
+    the paper's language model (`lm`: its hidden size, heads, FFN width and total size, references file)."""
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    from mflag.models import Projector, count_parameters, resnet50_trunk
+
+    m = paper.model
+    layer = count_parameters(BertLayer(BertConfig(hidden_size=lm["hidden_size"], num_attention_heads=lm["heads"],
+                                                  intermediate_size=lm["intermediate_size"])))  # fmt: skip
+    vision = count_parameters(resnet50_trunk()) + count_parameters(Projector(2048, m.proj_hidden, m.proj_dim))
+    base = vision + count_parameters(Projector(lm["hidden_size"], m.proj_hidden, m.proj_dim))
+    return {"mflag": base + paper.mflag.text_free_layers * layer, "convirt": base + paper.convirt.text_free_layers * layer,
+            "full_lm": base + int(lm["parameters"]), "layer": layer, "convirt_layers": paper.convirt.text_free_layers,
+            "lm_layers": lm["layers"]}  # fmt: skip
+
+
+def claim_parameters(runs: dict[str, dict[str, float]], paper: dict[str, int] | None, lm: dict) -> str:
+    title = "(a) 78% fewer trainable parameters than the methods compared"
+    ours, theirs = (runs.get(r, {}).get("params_trainable") for r in ("pretrain", "pretrain_convirt"))
+    if ours is None or theirs is None:
+        return _claim(title, "not evaluable", ["A pretraining run's metrics.json has no `params_trainable`."])
+    run_cut = 1 - ours / theirs
+    body = [f"This run: M-FLAG trains {int(ours):,} parameters, the ConVIRT-style baseline {int(theirs):,} "
+            f"({100 * run_cut:.1f}% fewer for M-FLAG). The gap is the baseline's trained language-model layers; "
+            "its size follows from the language model, not from the method."]  # fmt: skip
+    verdict = "not evaluable"
+    if paper is not None:
+        vs_full, vs_convirt = 1 - paper["mflag"] / paper["full_lm"], 1 - paper["mflag"] / paper["convirt"]
+        verdict = "supported" if abs(vs_full - PAPER_REDUCTION) <= REDUCTION_TOLERANCE and run_cut > 0 else "not supported"
+        body += ["", f"The paper configuration (`configs/paper.yaml`, {lm['name']}: {lm['layers']} layers of "
+                 f"{paper['layer']:,} parameters, about {lm['parameters'] / 1e6:.0f}M in all; counted from the modules): "
+                 f"M-FLAG trains {paper['mflag']:,}; a method that trains its whole language model "
+                 f"{paper['full_lm']:,} ({100 * vs_full:.1f}% fewer for M-FLAG; paper: {100 * PAPER_REDUCTION:.0f}%, "
+                 f"counted as supported within {100 * REDUCTION_TOLERANCE:.0f} points); the ConVIRT-style baseline "
+                 f"with its top {paper['convirt_layers']} of {paper['lm_layers']} layers trained "
+                 f"{paper['convirt']:,} ({100 * vs_convirt:.1f}% fewer). The paper's figure matches a comparison "
+                 "with methods that train their whole language model."]  # fmt: skip
+    return _claim(title, verdict, body)
+
+
+def _cell_value(study: Study, key: Key) -> str:
+    v, bounds = study.cells.get(key), study.intervals.get(key)
+    if v is None:
+        return "n/a"
+    return f"{100 * v:.1f}" + (f" [{100 * bounds[0]:.1f}, {100 * bounds[1]:.1f}]" if bounds and bounds[0] is not None
+                               else "")  # fmt: skip
+
+
+def claim_mflag_ahead(study: Study) -> str:
+    title = "(b) M-FLAG ahead of every other encoder, on every job and data fraction"
+    others = [e for e in study.encoders if e != "mflag"]
+    if "mflag" not in study.encoders or not others:
+        return _claim(title, "not evaluable", ["The study lists no M-FLAG encoder and another to compare it with."])
+    ahead, behind, unclear, undefined = [], [], [], []
+    for other in others:
+        for job in JOBS:
+            for pct in PCTS:
+                a, b = (job, pct, "mflag"), (job, pct, other)
+                if a not in study.cells or b not in study.cells:
+                    continue
+                d = study.diffs.get((job, pct, "mflag", other))
+                if d is None:
+                    undefined.append(f"- {job} at {pct}% vs {study.encoders[other]}: a metric not evaluable")
+                    continue
+                line = (f"- {job} at {pct}% vs {study.encoders[other]}: {_diff_text(d, '-')} points "
+                        f"(M-FLAG {_cell_value(study, a)}, {study.encoders[other]} {_cell_value(study, b)})")
+                (ahead if d.excludes_zero and d.diff > 0 else behind if d.excludes_zero else unclear).append(line)
+    compared = len(ahead) + len(behind) + len(unclear)
+    if compared == 0:
+        return _claim(title, "not evaluable", ["No (job, fraction) has M-FLAG and another encoder both evaluated."])
+    verdict = "supported" if not behind and not unclear and not undefined else "not supported"
+    body = [f"Of {compared} comparisons (job x fraction x other encoder), M-FLAG is ahead in {len(ahead)}, behind in "
+            f"{len(behind)}, and within chance in {len(unclear)}: ahead or behind only where the paired "
+            f"{_level(study.level)} bootstrap interval of the difference (same test resamples) excludes 0."]  # fmt: skip
+    for name, lines in (("Ahead", ahead), ("Behind", behind), ("Within chance", unclear), ("Not evaluable", undefined)):
+        if lines:
+            body += ["", f"{name}:", *lines]
+    return _claim(title, verdict, body)
+
+
+def claim_one_percent_rsna(study: Study) -> str:
+    title = "(c) 1% RSNA segmentation from M-FLAG beats ImageNet init at 100%"
+    ours, theirs = ("seg_rsna", 1, "mflag"), ("seg_rsna", 100, "imagenet")
+    if "imagenet" not in study.encoders:
+        return _claim(title, "not evaluable", [
+            "No `imagenet` encoder is listed under `encoders` in params.yaml: the ImageNet-initialised baseline needs "
+            "torchvision's ResNet-50 ImageNet weights, which are not shipped (no download happens here). Add the entry "
+            "shown in params.yaml (configs/paper.yaml lists it) and put the file in place."
+            + (f" M-FLAG at 1%: Dice {_cell_value(study, ours)}." if study.cells.get(ours) is not None else "")])  # fmt: skip
+    missing = [cell_name(*k) for k in (ours, theirs) if k not in study.cells]
+    if missing:
+        return _claim(title, "not evaluable", [f"Cells not run: {', '.join(missing)}."])
+    d = study.paired(*ours, *theirs)
+    if d is None:
+        na = "; ".join(f"{cell_name(*k)}: {study.reasons.get(k)}" for k in (ours, theirs) if study.cells[k] is None)
+        return _claim(title, "not evaluable", [f"Not evaluable (the cell ran, its metric is undefined): {na}."])
+    verdict = "supported" if d.excludes_zero and d.diff > 0 else "not supported"
     return _claim(title, verdict, [
-        f"This run: parameter reduction (frozen / total) = {100 * ours:.1f}% ({counts}); paper: "
-        f"{100 * PAPER_REDUCTION:.0f}% (counted as supported within {100 * REDUCTION_TOLERANCE:.0f} percentage "
-        "points).",
+        f"Dice: M-FLAG at 1% {_cell_value(study, ours)} vs ImageNet at 100% {_cell_value(study, theirs)}; difference "
+        f"{_diff_text(d, '-')} points (paired {_level(study.level)} bootstrap interval over the same test images; "
+        "supported only where it excludes 0 on the positive side)."])  # fmt: skip
+
+
+def claim_efficiency(runs: dict[str, dict[str, float]], timings: dict[str, dict]) -> str:
+    title = "(d) Efficiency: M-FLAG pretrains faster and trains fewer parameters than the baseline"
+    speed = {r: (timings.get(r) or {}).get("images_per_second") for r in ("pretrain", "pretrain_convirt")}
+    params = {r: runs.get(r, {}).get("params_trainable") for r in ("pretrain", "pretrain_convirt")}
+    if not all(_number(v) for v in (*speed.values(), *params.values())):
+        return _claim(title, "not evaluable", ["reports/pretrain*/timing.json or metrics.json lack "
+                                               "`images_per_second` or `params_trainable`."])  # fmt: skip
+    ours, theirs = speed["pretrain"], speed["pretrain_convirt"]
+    where = {r: f"{t.get('device', '?')}, {t.get('precision', '?')}" for r, t in timings.items()}
+    verdict = "supported" if ours > theirs and params["pretrain"] < params["pretrain_convirt"] else "not supported"
+    return _claim(title, verdict, [
+        f"Pretraining throughput in this DAG run: M-FLAG {ours:.1f} images/s ({where['pretrain']}), ConVIRT-style "
+        f"{theirs:.1f} images/s ({where['pretrain_convirt']}), a ratio of {ours / theirs:.2f}; the baseline also "
+        f"spent {timings['pretrain_convirt'].get('text_precompute_seconds', 0):.0f} s once on its frozen lower "
+        "language-model layers, not counted above. Trainable parameters: M-FLAG "
+        f"{int(params['pretrain']):,}, ConVIRT-style {int(params['pretrain_convirt']):,}.",
         "",
-        "The figure depends on the sizes of the frozen language model and of the projectors, not on the "
-        "method: it is the LM's share of all parameters. The paper's configuration (`configs/paper.yaml`: "
-        "CXR-BERT, `microsoft/BiomedVLP-CXR-BERT-general`, BERT-base size, about 110M parameters; ResNet-50 "
-        "and 1024-d projectors, about 33.5M trainable) gives about 77%, the paper's figure.",
+        "Throughput is a timing: it varies between runs and machines (the only figures here that do).",
     ])  # fmt: skip
 
 
-def _na_line(cells: Cells, reasons: Reasons | None, key: tuple[str, int, str]) -> str:
-    return f"{cell_name(*key)}: {_not_evaluable(cells, reasons, key)}"
-
-
-def claim_mflag_ahead(cells: Cells, reasons: Reasons | None = None) -> str:
-    title = "(b) M-FLAG ahead of the other encoder inits on every job and data fraction"
-    wins, lost, compared, undefined = 0, [], 0, []
-    for job in JOBS:
-        for pct in PCTS:
-            if (job, pct, "mflag") not in cells:
-                continue
-            ran = [i for i in INIT_LABELS if i != "mflag" and (job, pct, i) in cells]
-            if not ran:
-                continue
-            # a cell whose metric is not evaluable cannot be compared: listed with its reason
-            undefined += [f"- {_na_line(cells, reasons, (job, pct, i))}" for i in ["mflag", *ran]
-                          if cells[(job, pct, i)] is None]  # fmt: skip
-            others = {i: cells[(job, pct, i)] for i in ran if cells[(job, pct, i)] is not None}
-            ours = cells[(job, pct, "mflag")]
-            if ours is None or not others:
-                continue
-            compared += 1
-            if all(ours > v for v in others.values()):
-                wins += 1
-            else:
-                vs = ", ".join(f"{INIT_LABELS[i]} {100 * v:.1f}" for i, v in others.items())
-                lost.append(f"- {job} at {pct}%: M-FLAG {100 * ours:.1f} vs {vs} ({JOBS[job].metric}, %)")
-    total = len(JOBS) * len(PCTS)
-    tail = ["", "Not evaluable (the cells ran, their metric is undefined):", *undefined] if undefined else []
-    if compared == 0:
-        return _claim(title, "not evaluable", [f"No (job, fraction) has both an M-FLAG cell and another init's cell "
-                                               f"with a defined metric (of {total})."] + tail)  # fmt: skip
-    body = [f"M-FLAG is strictly ahead in {wins} of {compared} (job, fraction) cells that have M-FLAG and another "
-            f"init" + (f"; {total - compared} of {total} cannot be compared (a cell not run yet"
-                       + (", or not evaluable)." if undefined else ").") if compared < total else ".")]
-    if lost:
-        body += ["", "Not ahead in:", *lost]
-    return _claim(title, "supported" if not lost else "not supported", body + tail)
-
-
-def claim_one_percent_rsna(cells: Cells, reasons: Reasons | None = None) -> str:
-    title = "(c) 1% RSNA segmentation from M-FLAG beats ImageNet init at 100%"
-    ours_key, theirs_key = ("seg_rsna", 1, "mflag"), ("seg_rsna", 100, "imagenet")
-    ours, theirs = cells.get(ours_key), cells.get(theirs_key)
-    undefined = [_na_line(cells, reasons, k) for k in (ours_key, theirs_key) if k in cells and cells[k] is None]
-    if undefined:
-        return _claim(title, "not evaluable", ["Not evaluable (the cell ran, its metric is undefined): "
-                                               + "; ".join(undefined) + "."])  # fmt: skip
-    if theirs is None:
-        return _claim(title, "not evaluable", [
-            "No seg_rsna-100-imagenet cell: the ImageNet-initialised baseline needs torchvision's ResNet-50 "
-            "ImageNet weights, which are not shipped with this project (no download happens here), so no "
-            "imagenet cells were run."
-            + (f" M-FLAG at 1%: Dice {100 * ours:.1f}%." if ours is not None else ""),
-        ])  # fmt: skip
-    if ours is None:
-        return _claim(title, "not evaluable", ["No seg_rsna-1-mflag cell."])
-    verdict = "supported" if ours > theirs else "not supported"
-    return _claim(title, verdict, [f"Dice: M-FLAG at 1% {100 * ours:.1f}% vs ImageNet at 100% {100 * theirs:.1f}%."])
-
-
-def render_claims(cells: Cells, pretrain: dict[str, float], reasons: Reasons | None = None) -> str:
+def render_claims(study: Study, runs: dict[str, dict[str, float]], timings: dict[str, dict],
+                  paper: dict[str, int] | None, lm: dict) -> str:  # fmt: skip
     head = ["# The M-FLAG paper's headline claims, checked against this run", "",
-            "Written by stages/collate.py from reports/pretrain/metrics.json and reports/finetune/*/metrics.json. "
-            "Verdicts: supported, not supported, or not evaluable (the run lacks what the claim needs, or a cell "
-            "it needs has an undefined metric).",
+            "Written by stages/collate.py from reports/pretrain*/ and reports/finetune/*/. Verdicts: supported, not "
+            "supported, or not evaluable (the run lacks what the claim needs, or a cell it needs has an undefined "
+            f"metric). Intervals: {_level(study.level)} bootstrap over the test cases, the same resamples for every "
+            "encoder (docs/design.md, \"Intervals\").",
             ""]  # fmt: skip
-    return "\n".join(head + [claim_reduction(pretrain), claim_mflag_ahead(cells, reasons),
-                             claim_one_percent_rsna(cells, reasons)])  # fmt: skip
+    return "\n".join(head + [claim_parameters(runs, paper, lm), claim_mflag_ahead(study),
+                             claim_one_percent_rsna(study), claim_efficiency(runs, timings)])  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- write
-def write_reports(
-    cells: Cells,
-    pretrain: dict[str, float],
-    losses: dict[str, list[float]],
-    spectrum: dict[str, list[float]],
-    reference: Reference,
-    out: str | Path,
-    spreads: Spreads | None = None,
-    reasons: Reasons | None = None,
-) -> None:
-    """Everything collate writes, under `out` (metrics.json, tables/, plots/, claims.md); `reasons`: why each
-    cell whose metric is None is not evaluable (:func:`read_not_evaluable`)."""
+def write_reports(study: Study, runs: dict[str, dict[str, float]], losses: dict, spectra: dict,
+                  references: list[RefRow], timings: dict[str, dict], paper: dict[str, int] | None, lm: dict,
+                  out: str | Path) -> None:  # fmt: skip
+    """Everything collate writes, under `out` (metrics.json, tables/, plots/, claims.md)."""
     out = Path(out)
-    write_json(out / "metrics.json", collated_metrics(cells, pretrain, spreads))  # strict JSON, floats rounded
+    write_json(out / "metrics.json", collated_metrics(study, runs))  # strict JSON, floats rounded
     for name in TABLES:
-        table = fraction_table(cells, name, reference, spreads, reasons)
-        atomic_write(out / "tables" / f"{name}.md", render_md(table, reference))
-        atomic_write(out / "tables" / f"{name}.tex", render_tex(table, reference))
+        table = fraction_table(study, name, references)
+        atomic_write(out / "tables" / f"{name}.md", render_md(table))
+        atomic_write(out / "tables" / f"{name}.tex", render_tex(table))
         atomic_write(out / "tables" / f"{name}.csv", render_csv(table))
-    for ext, text in render_pretraining(pretrain).items():
+        for ext, text in render_differences(study, name).items():
+            atomic_write(out / "tables" / f"{name}_differences.{ext}", text)
+    for ext, text in render_pretraining(runs).items():
         atomic_write(out / "tables" / f"pretraining.{ext}", text)
     for job in JOBS:
-        atomic_write(out / "plots" / "fraction" / f"{job}.csv", fraction_csv(cells, job))
-    atomic_write(out / "plots" / "fraction.png", fraction_png(cells, reference))
+        atomic_write(out / "plots" / "fraction" / f"{job}.csv", fraction_csv(study, job))
+    atomic_write(out / "plots" / "fraction.png", fraction_png(study, references))
     atomic_write(out / "plots" / "losses.png", losses_png(losses))
-    atomic_write(out / "plots" / "spectrum.png", spectrum_png(spectrum))
-    atomic_write(out / "claims.md", render_claims(cells, pretrain, reasons))
+    atomic_write(out / "plots" / "spectrum.png", spectrum_png(spectra))
+    atomic_write(out / "claims.md", render_claims(study, runs, timings, paper, lm))

@@ -1,8 +1,9 @@
 """The downstream job table: the one place that says which jobs exist and what each one is.
 
-Every job is fine-tuned at each data fraction from each encoder init. The stage, collation, dvc.yaml's
-fine-tune stages and the tests all derive from this table (``tests/test_stage_deps.py`` checks dvc.yaml
-against it).
+Every job is fine-tuned at each data fraction from each encoder the study compares (params ``encoders``).
+A job is named ``<task>_<dataset>``: dvc.yaml's stage ``finetune_<task>`` runs it for each of its datasets
+and encoders (``finetune_<task>@<dataset>-<encoder>``). The stage, collation, dvc.yaml's fine-tune stages
+and the tests all derive from this table (``tests/test_stage_deps.py`` checks dvc.yaml against it).
 """
 
 from __future__ import annotations
@@ -32,10 +33,8 @@ JOBS: dict[str, Job] = {
 }
 TASK_TABLES = {"cls": "classification", "seg": "segmentation", "det": "detection"}  # the paper's tables
 PCTS = (1, 10, 100)  # train fractions, percent (nested subsets)
-INITS = ("mflag", "random")  # the encoders dvc.yaml fine-tunes; `imagenet` runs where its weights exist
-ALL_INITS = (*INITS, "imagenet")
 
 
-def cell_name(job: str, pct: int, init: str) -> str:
+def cell_name(job: str, pct: int, encoder: str) -> str:
     """The folder of one cell's results under reports/finetune/."""
-    return f"{job}-{pct}-{init}"
+    return f"{job}-{pct}-{encoder}"

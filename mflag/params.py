@@ -190,6 +190,90 @@ class PretrainParams:
             )
 
 
+# ---------------------------------------------------------------------------- the two methods
+@dataclass(frozen=True)
+class MflagParams:
+    """M-FLAG's own knobs beyond its loss (`loss`); the shared training budget is `pretrain`."""
+
+    # top layers of the language model that train with M-FLAG (the authors' `free_layers`); 0: frozen (paper)
+    text_free_layers: NonNegInt
+
+
+@dataclass(frozen=True)
+class ConvirtParams:
+    """The ConVIRT-style baseline (stage pretrain_convirt): symmetric InfoNCE between the image projection and
+    the projection of a language model whose top layers train; trunk, data, augmentation, epochs and optimiser
+    are `pretrain`'s, projectors `model`'s."""
+
+    temperature: PosFloat  # InfoNCE temperature (ConVIRT: 0.1)
+    text_free_layers: PosInt  # top layers of the language model that train (ConVIRT: 6 of BERT-base's 12)
+
+
+# ------------------------------------------------------------------------------------- encoders
+TRAINED_HERE = ("mflag", "convirt", "random")  # kinds whose weights a stage of dvc.yaml writes
+Rgb = Annotated[list[float], Length(3)]
+
+
+@dataclass(frozen=True)
+class EncoderParams:
+    """One encoder the study compares: its fine-tune cells read models/<name>/ (docs/contracts.md, "Encoders").
+
+    mflag, convirt, random: trained (or drawn) in the DAG; the entry's name is the kind, `weights`, `mean` and
+    `std` are null (models/<name>/vision_encoder.safetensors, inputs scaled as in pretraining), `key_prefix` "".
+    imagenet: torchvision's ResNet-50 ImageNet state dict; checkpoint: any ResNet-50 state dict (the authors'
+    M-FLAG, MGCA, GLoRIA, ConVIRT, BioViL ...). Both: `weights` a file under models/<name>/, the prefix its trunk
+    keys carry, the per-channel mean and std (of [0, 1] grey replicated to RGB) it was trained with."""
+
+    kind: Literal["mflag", "convirt", "random", "imagenet", "checkpoint"]
+    weights: str | None  # the file, under models/<name>/ (null for the kinds trained here)
+    key_prefix: str  # stripped from the state dict's keys; only keys with it are read ("" : all)
+    mean: Rgb | None  # input normalisation; null for the kinds trained here (mean = std = 0.5)
+    std: Annotated[list[Annotated[float, Range(0, low_open=True)]], Length(3)] | None
+
+    def validate(self, prefix: str) -> None:
+        name = prefix.rsplit(".", 1)[-1]
+        if self.kind in TRAINED_HERE:
+            if name != self.kind:
+                raise _error(f"`{prefix}`: an encoder of kind {self.kind} is trained in the DAG and must be named "
+                             f"{self.kind} (its weights are models/{self.kind}/vision_encoder.safetensors)")
+            given = [k for k in ("weights", "mean", "std") if getattr(self, k) is not None]
+            if given or self.key_prefix:
+                raise _error(f"`{prefix}`: kind {self.kind} is written by this pipeline; set weights, mean and std "
+                             f"to null and key_prefix to \"\" (got {', '.join(given) or 'key_prefix'})")
+            return
+        if name in TRAINED_HERE:
+            raise _error(f"`{prefix}`: the names {', '.join(TRAINED_HERE)} are the encoders trained here; "
+                         f"name a {self.kind} encoder otherwise")
+        missing = [k for k in ("weights", "mean", "std") if getattr(self, k) is None]
+        if missing:
+            raise _error(f"`{prefix}`: kind {self.kind} reads a weights file: give {', '.join(missing)}")
+        folder = f"models/{name}/"
+        if not Path(self.weights).as_posix().startswith(folder) or ".." in Path(self.weights).parts:
+            raise _error(f"`{prefix}.weights` must be a file under {folder} (the folder its cells depend on in "
+                         f"dvc.yaml), got {self.weights!r}")
+
+
+ENCODER_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def _check_encoders(encoders: dict, prefix: str) -> None:
+    if not encoders:
+        raise _error(f"`{prefix}` must list at least one encoder")
+    for name in encoders:
+        if not ENCODER_NAME.fullmatch(name):
+            raise _error(f"`{prefix}.{name}`: an encoder name is lower-case letters, digits and _, starting with a "
+                         "letter (it names stages, folders and metric keys)")
+
+
+# ---------------------------------------------------------------------------------------- stats
+@dataclass(frozen=True)
+class StatsParams:
+    """Bootstrap over the test cases: one set of resamples per job, the same for every encoder."""
+
+    resamples: Annotated[int, Range(100, why="fewer make the 2.5/97.5 percentiles too coarse")]
+    level: Annotated[float, Range(0.5, 1, high_open=True)]  # coverage of the intervals (0.95)
+
+
 # ------------------------------------------------------------------------------------ synthetic
 @dataclass(frozen=True)
 class StyleParams:
@@ -361,8 +445,15 @@ class Params:
     loss: LossParams
     model: ModelParams
     pretrain: PretrainParams
+    mflag: MflagParams
+    convirt: ConvirtParams
+    encoders: dict[str, EncoderParams]
+    stats: StatsParams
     finetune: FinetuneParams
     synthetic: SyntheticParams
+
+    def validate(self, prefix: str) -> None:
+        _check_encoders(self.encoders, "encoders")
 
 
 def load(path: str | Path = "params.yaml") -> Params:

@@ -1,18 +1,23 @@
-"""Stage `finetune@<job>-<init>`: one job's cells (data fractions 1, 10, 100 %) from one encoder init.
+"""Stage `finetune_<task>@<dataset>-<encoder>`: one job's cells (data fractions 1, 10, 100 %) from one encoder.
 
-Reads the job's cache (data/cache/<dataset>) and the encoder (models/<init>/vision_encoder.safetensors),
-builds the evaluator's config from `finetune.<task>` for each fraction, runs the job's protocol (linear probe,
-U-Net segmentation or YOLOv3-style detection) and writes each cell's reports/finetune/<job>-<pct>-<init>/:
-metrics.json (the test metric(s), the best epoch, the number of training images, the resolved params) and
-the per-epoch curves in live/. A subset with a single class stops the cell or makes its metric null with a
-reason (mflag.finetune.checks; docs/contracts.md, "Metrics"). The fractions share this process, so the frozen
-encoder's features that do not depend on the fraction are computed once (mflag.finetune.memo).
+Reads the job's cache (data/cache/<dataset>) and the encoder `encoders.<encoder>` of params.yaml (its weights
+under models/<encoder>/, mflag.encoders), builds the evaluator's config from `finetune.<task>` for each
+fraction, runs the job's protocol (linear probe, U-Net segmentation or YOLOv3-style detection) and writes each
+cell's reports/finetune/<job>-<pct>-<encoder>/: metrics.json (the test metric(s), the best epoch, the number
+of training and test images, the resolved params), bootstrap.csv (the test metric on each of `stats.resamples`
+resamples of the test cases, drawn from `seed` and the job's name: the same resamples for every encoder, so
+collation can pair them) and the per-epoch curves in live/. A subset with a single class stops the cell or
+makes its metric null with a reason (mflag.finetune.checks; docs/contracts.md, "Metrics"). The fractions share
+this process, so the frozen encoder's features that do not depend on the fraction are computed once
+(mflag.finetune.memo).
 
-    python stages/finetune.py <job> <init> [<pct> ...]     (all of 1, 10, 100 by default)
+    python stages/finetune.py <job> <encoder> [<pct> ...]     (all of 1, 10, 100 by default)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import sys
 from pathlib import Path
@@ -20,46 +25,36 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from mflag.config import to_dict
 from mflag.distributed import resolve_device, resolve_precision
 from mflag.finetune.checks import SubsetError, cell_record, check_subsets
 from mflag.finetune.data import TaskData, load_task_data
 from mflag.finetune.memo import MemoryMemo
-from mflag.io import open_live, rounded, write_json
-from mflag.jobs import ALL_INITS, JOBS, PCTS, Job, cell_name
-from mflag.models import load_trunk
+from mflag.encoders import Encoder, EncoderError, encoder, load_encoder
+from mflag.io import atomic_write, open_live, rounded, write_json
+from mflag.jobs import JOBS, PCTS, Job, cell_name
+from mflag.models import resnet50_trunk
 from mflag.params import load_or_exit
+from mflag.stats import replicates, resample_indices
 
 # Timings are printed, never written: they would make the outputs (and dvc.lock) differ between identical runs.
 TIMING = ("seconds", "feature_seconds", "train_images_per_second")
-USAGE = (f"usage: python stages/finetune.py <job> <init> [<pct> ...]; job one of {', '.join(JOBS)}, "
-         f"init one of {', '.join(ALL_INITS)}, pct among {', '.join(map(str, PCTS))} (default: all)")  # fmt: skip
+USAGE = (f"usage: python stages/finetune.py <job> <encoder> [<pct> ...]; job one of {', '.join(JOBS)}, "
+         f"encoder one of those under `encoders` in params.yaml, pct among {', '.join(map(str, PCTS))} (default: all)")  # fmt: skip
 
 Run = Callable[[object, TaskData, Callable[[dict], None]], dict]  # (config, data of one fraction, log) -> result
 
 
-def _encoder_path(init: str) -> Path:
-    path = Path("models") / init / "vision_encoder.safetensors"
-    if not path.is_file():
-        hint = {
-            "imagenet": "the imagenet init needs torchvision's ImageNet ResNet-50 converted to "
-            "models/imagenet/vision_encoder.safetensors (not shipped; see docs/design.md, 'Encoder inits')",
-            "mflag": "run the pretrain stage first (dvc repro pretrain)",
-            "random": "run the init_random stage first (dvc repro init_random)",
-        }[init]
-        sys.exit(f"error: finetune: encoder file not found: {path}; {hint}")
-    return path
-
-
-def _evaluator(task: str, encoder: Path, device: str, seed: int, probes: int) -> tuple[type, Run]:
+def _evaluator(task: str, state: dict, device: str, seed: int, probes: int) -> tuple[type, Run]:
     """The task's config class and a function that runs one fraction; state shared between the fractions
     (the frozen encoder, its features) lives in the closure."""
     if task == "cls":
         from mflag.finetune.classify import ClassifyConfig, encode_features, probe_over_seeds
 
-        trunk = load_trunk(encoder).to(device)
+        trunk = resnet50_trunk()
+        trunk.load_state_dict(state)
+        trunk.to(device)
         stored: dict[str, np.ndarray] = {}
 
         def run(cfg, data, log):
@@ -69,7 +64,6 @@ def _evaluator(task: str, encoder: Path, device: str, seed: int, probes: int) ->
                                     features=stored.get("all"), log=log)  # fmt: skip
 
         return ClassifyConfig, run
-    state = load_file(str(encoder))
     memo = MemoryMemo()  # valid and test features, the same for every fraction
     if task == "seg":
         from mflag.finetune.segment import SegmentConfig, train_segmenter
@@ -94,17 +88,38 @@ def _progress(cell: str, rec: dict) -> str:
     return f"finetune {cell} epoch {rec.get('epoch', '?')}: {values}"
 
 
-def main(job: Job, init: str, pcts: list[int]) -> None:
+def _test_set(data: TaskData) -> str:
+    """A fingerprint of the test cases, in order: collation pairs only cells scored on the same ones."""
+    ids = "\n".join(data.index["image_id"].iloc[data.test_rows].astype(str))
+    return hashlib.sha256(ids.encode()).hexdigest()[:16]
+
+
+def _bootstrap_csv(metric: str, reps: np.ndarray) -> str:
+    """One line per resample; an empty field where the metric is undefined on it (e.g. one class drawn)."""
+    return f"{metric}\n" + "".join(("" if not math.isfinite(v) else repr(rounded(float(v)))) + "\n" for v in reps)
+
+
+def main(job: Job, name: str, pcts: list[int]) -> None:
     params = load_or_exit()
     ft = params.finetune
+    if name not in params.encoders:
+        sys.exit(f"error: finetune: no encoder `{name}` under `encoders` in params.yaml (listed: "
+                 f"{', '.join(params.encoders)})")  # fmt: skip
+    enc: Encoder = encoder(name, params.encoders[name])
     device = resolve_device(ft.device)
     precision = resolve_precision(ft.precision, torch.device(device), "finetune.precision")
-    encoder = _encoder_path(init)
+    try:
+        state = load_encoder(enc)
+    except EncoderError as err:
+        sys.exit(f"error: finetune {job.name}-{name}: {err}")
     data = load_task_data(Path("data/cache") / job.dataset, job.dataset, job.task)
     task_params = getattr(ft, job.task)
-    config_class, run = _evaluator(job.task, encoder, device, params.seed, ft.cls.seeds)
+    config_class, run = _evaluator(job.task, state, device, params.seed, ft.cls.seeds)
+    del state
+    # the same resamples for every encoder and fraction of this job: drawn from the seed and the job's name
+    resamples = resample_indices(len(data.test_rows), params.stats.resamples, params.seed, job.name)
     for pct in pcts:
-        cell = cell_name(job.name, pct, init)
+        cell = cell_name(job.name, pct, name)
         out = Path("reports/finetune") / cell
         fraction = data.at_fraction(pct)
         _check_rows(job, fraction, pct)
@@ -114,7 +129,8 @@ def main(job: Job, init: str, pcts: list[int]) -> None:
             sys.exit(f"error: finetune {cell}: {err}")
         for warning in check.warnings:
             print(f"warning: finetune {cell}: {warning}", file=sys.stderr)
-        cfg = config_class.from_params(task_params, job.dataset, pct, precision)
+        cfg = dataclasses.replace(config_class.from_params(task_params, job.dataset, pct, precision),
+                                  mean=enc.mean, std=enc.std)  # the normalisation the encoder was trained with
         live = open_live(out / "live")
 
         def log(rec: dict) -> None:
@@ -128,13 +144,19 @@ def main(job: Job, init: str, pcts: list[int]) -> None:
         result = run(cfg, fraction, log)
         live.end()
         timing = {k: result.pop(k) for k in TIMING if k in result}
+        reps = replicates(result.pop("cases"), resamples)
         record = cell_record(result, job.metric, check.not_evaluable)
         if "not_evaluable" in record:
             print(f"warning: finetune {cell}: {job.metric} not evaluable, written as null: {record['not_evaluable']}",
                   file=sys.stderr)  # fmt: skip
+        if record.get(job.metric) is None:
+            reps = np.full(len(reps), np.nan)  # a metric not evaluable has no interval either
+        atomic_write(out / "bootstrap.csv", _bootstrap_csv(job.metric, reps))
         write_json(out / "metrics.json", {
-            "job": job.name, "pct": pct, "init": init, **record,
-            "params": {"seed": params.seed,
+            "job": job.name, "pct": pct, "encoder": name, **record,
+            "test_cases": int(len(fraction.test_rows)), "test_set": _test_set(fraction),
+            "bootstrap": {"resamples": params.stats.resamples, "seed": params.seed, "key": job.name},
+            "params": {"seed": params.seed, "encoder": to_dict(params.encoders[name]),
                        "finetune": {job.task: to_dict(task_params), "device": ft.device, "precision": ft.precision},
                        "precision_used": precision},
         })  # fmt: skip
@@ -146,14 +168,14 @@ def main(job: Job, init: str, pcts: list[int]) -> None:
 
 
 def _parse(argv: list[str]) -> tuple[Job, str, list[int]]:
-    if len(argv) < 2 or argv[0] not in JOBS or argv[1] not in ALL_INITS or not all(a in map(str, PCTS) for a in argv[2:]):
+    if len(argv) < 2 or argv[0] not in JOBS or not all(a in map(str, PCTS) for a in argv[2:]):
         sys.exit(USAGE)
     return JOBS[argv[0]], argv[1], [int(a) for a in argv[2:]] or list(PCTS)
 
 
 if __name__ == "__main__":
-    job, init, pcts = _parse(sys.argv[1:])
+    job, name, pcts = _parse(sys.argv[1:])
     try:
-        main(job, init, pcts)
+        main(job, name, pcts)
     except ValueError as err:  # the evaluators' own checks (empty or too small a split, bad config)
-        sys.exit(f"error: finetune {job.name}-{init}: {err}")
+        sys.exit(f"error: finetune {job.name}-{name}: {err}")

@@ -1,6 +1,7 @@
-"""The finetune@<job>-<init> stages as DVC runs them, on the tiny corpus with a random-init encoder: each cell
-(job x fraction x init) trains on exactly its fraction, and one process running a job's three fractions gives
-the same results as three processes running one fraction each (the features they share change nothing)."""
+"""The finetune_<task>@<dataset>-<encoder> stages as DVC runs them, on the tiny corpus with a random-init
+encoder: each cell (job x fraction x encoder) trains on exactly its fraction and writes its bootstrap replicates,
+one process running a job's three fractions gives the same results as three processes running one fraction each
+(the features they share change nothing), and an external checkpoint is one params entry."""
 
 from __future__ import annotations
 
@@ -55,8 +56,13 @@ def test_cell_trains_on_exactly_its_fraction(workdir, job, pct, metric):
     assert sorted(data.index["image_id"].iloc[data.train_rows]) == want
     run_stage(workdir, sys.executable, str(REPO / "stages/finetune.py"), job, "random", str(pct))
     out = json.loads((workdir / f"reports/finetune/{job}-{pct}-random/metrics.json").read_text())
-    assert (out["job"], out["pct"], out["init"]) == (job, pct, "random")
+    assert (out["job"], out["pct"], out["encoder"]) == (job, pct, "random")
     assert out["n_train"] == len(want)
+    test_ids = data.index["image_id"].iloc[data.test_rows]
+    assert out["test_cases"] == len(test_ids) and out["bootstrap"]["key"] == job
+    # the replicates: one per resample, the metric recomputed on resampled test cases (mflag.stats, tested there)
+    lines = (workdir / f"reports/finetune/{job}-{pct}-random/bootstrap.csv").read_text().splitlines()
+    assert lines[0] == metric and len(lines) - 1 == params_of(workdir)["stats"]["resamples"]
     assert metric in out and (np.isnan(out[metric]) or 0.0 <= out[metric] <= 1.0)
     assert out["params"]["seed"] == 42 and JOBS[job].task in out["params"]["finetune"]
     params = yaml.safe_load((workdir / "params.yaml").read_text())
@@ -76,11 +82,84 @@ def test_cell_trains_on_exactly_its_fraction(workdir, job, pct, metric):
         assert key not in out and key not in live, key
 
 
-def test_missing_imagenet_weights_fail_clearly(workdir):
-    proc = subprocess.run([sys.executable, str(REPO / "stages/finetune.py"), "cls_rsna", "imagenet"],
-                          cwd=workdir, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": ""})  # fmt: skip
-    assert proc.returncode != 0
-    assert "models/imagenet/vision_encoder.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+def _finetune(wd, *args: str) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, str(REPO / "stages/finetune.py"), *args], cwd=wd, capture_output=True,
+                          text=True, env=env)  # fmt: skip
+
+
+def params_of(wd) -> dict:
+    return yaml.safe_load((wd / "params.yaml").read_text())
+
+
+IMAGENET = {"kind": "imagenet", "weights": "models/imagenet/resnet50.pth", "key_prefix": "",
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # fmt: skip
+
+
+def _with_encoder(workdir, tmp_path, name: str, spec: dict, dataset: str):
+    """A working folder with one dataset's cache and params listing one more encoder."""
+    wd = tmp_path / "wd"
+    shutil.copytree(workdir / "data/cache" / dataset, wd / "data/cache" / dataset)
+    params = params_of(workdir)
+    params["encoders"][name] = spec
+    (wd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return wd
+
+
+def test_missing_imagenet_weights_fail_clearly(workdir, tmp_path):
+    wd = _with_encoder(workdir, tmp_path, "imagenet", IMAGENET, "rsna")
+    proc = _finetune(wd, "cls_rsna", "imagenet")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "models/imagenet/resnet50.pth" in proc.stderr and "download.pytorch.org" in proc.stderr
+
+
+def test_an_encoder_not_listed_is_refused_with_the_listed_ones(workdir):
+    proc = _finetune(workdir, "cls_rsna", "imagenet")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "no encoder `imagenet`" in proc.stderr and "mflag, convirt, random" in proc.stderr
+
+
+def test_an_external_checkpoint_is_one_params_entry(workdir, tmp_path):
+    """A released checkpoint (MGCA-style: a Lightning file whose trunk sits under a key prefix, next to other
+    modules) runs a cell from one `encoders` entry; the cell equals one run from the same trunk written by
+    this pipeline (the random encoder re-saved), so the file was read into exactly that trunk."""
+    import torchvision
+    from safetensors.torch import load_file
+
+    trunk = load_file(str(workdir / "models/random/vision_encoder.safetensors"))
+    released = {f"img_encoder_q.model.{k}": v for k, v in trunk.items()}
+    released |= {"img_encoder_q.model.fc.weight": torch.zeros(1000, 2048), "text_encoder_q.emb.weight": torch.ones(3, 4)}
+    spec = {"kind": "checkpoint", "weights": "models/mgca/mgca_resnet_50.ckpt", "key_prefix": "img_encoder_q.model.",
+            "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}  # fmt: skip
+    wd = _with_encoder(workdir, tmp_path, "mgca", spec, "rsna")
+    (wd / "models/mgca").mkdir(parents=True)
+    torch.save({"epoch": 49, "state_dict": released}, wd / spec["weights"])
+    shutil.copytree(workdir / "models/random", wd / "models/random")
+    assert set(torchvision.models.resnet50().state_dict()) - set(trunk) == {"fc.weight", "fc.bias"}
+    for name in ("mgca", "random"):
+        proc = _finetune(wd, "cls_rsna", name, "100")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    mine, theirs = (json.loads((wd / f"reports/finetune/cls_rsna-100-{e}/metrics.json").read_text())
+                    for e in ("mgca", "random"))  # fmt: skip
+    assert mine["auc"] == theirs["auc"] and mine["per_seed"] == theirs["per_seed"]
+    assert mine["params"]["encoder"] == spec
+    boot = [(wd / f"reports/finetune/cls_rsna-100-{e}/bootstrap.csv").read_text() for e in ("mgca", "random")]
+    assert boot[0] == boot[1]
+
+
+def test_imagenet_stand_in_weights_run_with_their_normalisation(workdir, tmp_path):
+    """A stand-in for torchvision's ImageNet file (a ResNet-50 state dict, fc included) at the imagenet path runs a
+    cell, recording the entry with its ImageNet normalisation."""
+    import torchvision
+
+    torch.manual_seed(0)
+    wd = _with_encoder(workdir, tmp_path, "imagenet", IMAGENET, "rsna")
+    (wd / "models/imagenet").mkdir(parents=True)
+    torch.save(torchvision.models.resnet50().state_dict(), wd / IMAGENET["weights"])
+    proc = _finetune(wd, "cls_rsna", "imagenet", "100")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((wd / "reports/finetune/cls_rsna-100-imagenet/metrics.json").read_text())
+    assert out["encoder"] == "imagenet" and 0 <= out["auc"] <= 1 and out["params"]["encoder"] == IMAGENET
 
 
 def test_bad_cell_arguments_print_usage(workdir):
@@ -131,11 +210,6 @@ def _broken_copy(workdir, tmp_path, dataset: str):
     cache = wd / "data/cache" / dataset
     return wd, cache, pd.read_csv(cache / "index.csv", dtype={"image_id": str}, keep_default_na=False)
 
-
-def _finetune(wd, *args: str) -> subprocess.CompletedProcess:
-    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, str(REPO / "stages/finetune.py"), *args], cwd=wd, capture_output=True,
-                          text=True, env=env)  # fmt: skip
 
 
 def test_a_train_subset_without_positives_stops_the_cell_with_job_fraction_and_subset_named(workdir, tmp_path):

@@ -99,24 +99,53 @@ def test_per_dataset_stages_load_only_their_own_reader():
 
 
 def test_dvc_yaml_follows_the_job_table():
-    """dvc.yaml's fine-tune stages, their outputs and the fraction plots are the job table (mflag/jobs.py)
-    crossed with the inits and fractions; each stage reads only its own dataset's cache and task's params."""
-    from mflag.jobs import INITS, JOBS, PCTS
+    """dvc.yaml's fine-tune stages are the job table (mflag/jobs.py): one stage per task over its datasets, crossed
+    with the params' encoders; their outputs, the fractions and the fraction plots follow it; each entry reads
+    only its own dataset's cache, its encoder's folder and entry, and its task's params."""
+    from mflag.jobs import JOBS, PCTS
 
     dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    stage = STAGES["finetune"]
-    assert stage["foreach"] == {f"{j}-{i}": {"job": j, "init": i, "task": job.task, "dataset": job.dataset}
-                                for j, job in JOBS.items() for i in INITS}  # fmt: skip
-    do = stage["do"]
-    assert do["cmd"] == "python stages/finetune.py ${item.job} ${item.init}"
-    cells = [f"reports/finetune/${{item.job}}-{p}-${{item.init}}" for p in PCTS]
-    assert do["outs"] == [f"{c}/live" for c in cells] and do["metrics"] == [f"{c}/metrics.json" for c in cells]
-    assert "data/cache/${item.dataset}" in do["deps"] and "data/cache" not in do["deps"]
-    assert do["params"] == ["seed", "finetune.device", "finetune.precision", "finetune.${item.task}"]
-    # a random-init stage must not depend on pretraining: its encoder path is templated on the init
-    assert "models/${item.init}/vision_encoder.safetensors" in do["deps"]
-    assert not any(s in str(d) for d in do["deps"] for s in ("models/mflag", "pretrain", "embeddings"))
+    tasks = {}
+    for name, job in JOBS.items():
+        assert name == f"{job.task}_{job.dataset}", "job names are <task>_<dataset>: the stages rebuild them so"
+        tasks.setdefault(job.task, []).append(job.dataset)
+    assert {s for s in STAGES if s.startswith("finetune")} == {f"finetune_{t}" for t in tasks}
+    for task, datasets in tasks.items():
+        stage = STAGES[f"finetune_{task}"]
+        assert stage["matrix"] == {"dataset": datasets, "encoder": "${encoders}"}
+        assert stage["cmd"] == f"python stages/finetune.py {task}_${{item.dataset}} ${{item.encoder}}"
+        cells = [f"reports/finetune/{task}_${{item.dataset}}-{p}-${{item.encoder}}" for p in PCTS]
+        assert stage["outs"] == [f"{c}/{f}" for c in cells for f in ("live", "bootstrap.csv")]
+        assert stage["metrics"] == [f"{c}/metrics.json" for c in cells]
+        assert "data/cache/${item.dataset}" in stage["deps"] and "data/cache" not in stage["deps"]
+        assert stage["params"] == ["seed", "finetune.device", "finetune.precision", f"finetune.{task}",
+                                   "stats.resamples", "encoders.${item.encoder}"]  # fmt: skip
+        # a random-init cell must not depend on pretraining: its encoder folder is templated on the encoder
+        assert "models/${item.encoder}" in stage["deps"]
+        assert not any(s in str(d) for d in stage["deps"] for s in ("models/mflag", "pretrain", "embeddings"))
     assert "reports/finetune" in STAGES["collate"]["deps"]  # every cell, whatever the table holds
     fraction_plots = {next(iter(p)) for p in dvc_yaml["plots"] if isinstance(p, dict)
                       and next(iter(p)).startswith("reports/plots/fraction/")}  # fmt: skip
     assert fraction_plots == {f"reports/plots/fraction/{j}.csv" for j in JOBS}
+
+
+def test_every_listed_encoder_gets_its_cells(tmp_path):
+    """Adding an encoder is one params entry: `dvc stage list` then has its cells for every job (no dvc.yaml edit)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from mflag.jobs import JOBS
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["encoders"]["mgca"] = {"kind": "checkpoint", "weights": "models/mgca/vit.ckpt", "key_prefix": "x.",
+                                  "mean": [0.5] * 3, "std": [0.5] * 3}  # fmt: skip
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    out = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "--name-only"], cwd=tmp_path, check=True,
+                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    cells = {s for s in out if s.startswith("finetune_")}
+    want = {f"finetune_{j.task}@{j.dataset}-{e}" for j in JOBS.values() for e in params["encoders"]}
+    assert cells == want

@@ -1,9 +1,10 @@
 """The review workflow end to end, in a temporary Git repository holding this project's files.
 
 `dvc repro` on a tiny params profile; then `dvc exp run -S loss.ortho_weight=0.5` must re-run exactly
-pretrain, the -mflag cells and collate; `dvc metrics diff` must show pretrain and mflag keys moving and no
-random key; `dvc exp show`, `dvc params diff` and `dvc plots diff` must succeed. This runs the real dvc.yaml
-(all 14 fine-tune stages, 42 cells) at toy sizes, so it takes several minutes.
+pretrain, the -mflag cells and collate, and `dvc exp run -S convirt.temperature=0.2` (a baseline-only param)
+exactly pretrain_convirt, the -convirt cells and collate; `dvc metrics diff` must show the moved run's keys and
+no random key; `dvc exp show`, `dvc params diff` and `dvc plots diff` must succeed. This runs the real dvc.yaml
+(21 fine-tune entries, 63 cells) at toy sizes, so it takes several minutes.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mflag.jobs import INITS, JOBS
+from mflag.jobs import JOBS
 from tests.conftest import REPO, TINY_PRETRAIN, TINY_SYNTHETIC, deep_merge, repo_params_dict
 from tests.test_finetune_stage import TINY_FINETUNE
 
-FINETUNE = [f"finetune@{job}-{init}" for job in JOBS for init in INITS]
+ENCODERS = ("mflag", "convirt", "random")  # params.yaml's
+FINETUNE = [f"finetune_{j.task}@{j.dataset}-{e}" for j in JOBS.values() for e in ENCODERS]
 
 pytestmark = pytest.mark.slow
 
@@ -71,11 +73,12 @@ def repo(tmp_path_factory) -> Path:
 def test_review_workflow(repo):
     dvc = (sys.executable, "-m", "dvc")
     first = _run(repo, *dvc, "repro")
-    assert {"synthesize", "embed_text", "pretrain", "init_random", "collate"} <= _ran(first.stdout)
+    assert {"synthesize", "embed_text", "pretrain", "pretrain_convirt", "init_random", "collate"} <= _ran(first.stdout)
     assert set(FINETUNE) <= _ran(first.stdout)
     assert "Data and pipelines are up to date" in _run(repo, *dvc, "status").stdout
     metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert set(metrics) == set(JOBS) | {"pretrain"}
+    assert set(metrics) == set(JOBS) | {"pretrain", "pretrain_convirt"}
+    assert all(set(metrics[j]) == set(ENCODERS) for j in JOBS)
     _run(repo, "git", "add", "-A")
     _run(repo, "git", "commit", "-qm", "baseline results")
 
@@ -96,3 +99,15 @@ def test_review_workflow(repo):
     assert "ortho_weight" in show.stdout
     _run(repo, *dvc, "plots", "diff", "-o", str(repo / ".plots-diff"))
     assert (repo / ".plots-diff" / "index.html").is_file()
+
+    # a baseline-only param: only the baseline's branch and collation (from the committed baseline results)
+    _run(repo, "git", "checkout", "-q", "--", ".")
+    _run(repo, *dvc, "checkout", "-q")
+    base = _run(repo, *dvc, "exp", "run", "-S", "convirt.temperature=0.2")
+    ran = _ran(base.stdout)
+    want = {"pretrain_convirt", "collate"} | {s for s in FINETUNE if s.endswith("-convirt")}
+    assert ran == want, (sorted(ran - want), sorted(want - ran))
+    diff = json.loads(_run(repo, *dvc, "metrics", "diff", "--json").stdout or "{}")
+    moved = set(diff.get("reports/metrics.json", {}))
+    assert any(k.startswith("pretrain_convirt.") for k in moved), moved
+    assert not any(k.startswith("pretrain.") or ".random." in k for k in moved), moved
