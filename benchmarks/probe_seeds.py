@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mflag.finetune.classify import ClassifyConfig, encode_features, linear_probe, probe_over_seeds  # noqa: E402
 from mflag.finetune.data import load_task_data  # noqa: E402
-from mflag.jobs import INITS, JOBS, PCTS  # noqa: E402
+from mflag.encoders import encoder as encoder_of  # noqa: E402
+from mflag.jobs import JOBS, PCTS  # noqa: E402
 from mflag.models import load_trunk  # noqa: E402
 from mflag.params import load_or_exit  # noqa: E402
 
@@ -46,8 +47,10 @@ def main() -> None:
             sys.exit(f"error: {name} is a {job.task} job; this benchmark times the classification probes")
         dataset = job.dataset
         data_all = load_task_data(Path("data/cache") / dataset, dataset, "cls")
-        for init in INITS:
-            encoder = Path("models") / init / "vision_encoder.safetensors"
+        for init, spec in params.encoders.items():
+            if spec.kind not in ("mflag", "convirt", "random"):
+                continue  # the encoders trained here; a user's file goes through stages/finetune.py
+            encoder = encoder_of(init, spec).path
             if not encoder.is_file():
                 sys.exit(f"error: no encoder {encoder}: run `dvc repro` first")
             features = None

@@ -13,10 +13,14 @@ import torch
 import torch.nn as nn
 from torchvision.transforms import functional as TF
 
+from sklearn.metrics import roc_auc_score
+
 from mflag.augment import center_crop_normalize
+from mflag.finetune import classify
 from mflag.finetune.checks import SubsetCheck, SubsetError, cell_record, check_subsets
 from mflag.finetune.classify import (
     ClassifyConfig,
+    ProbeCases,
     _gaussian_blur,
     _metrics,
     accuracy,
@@ -29,6 +33,7 @@ from mflag.finetune.classify import (
 )
 from mflag.finetune.data import TaskData
 from mflag.models import resnet50_trunk
+from mflag.stats import interval, replicates, resample_indices
 
 CPU = torch.device("cpu")
 
@@ -529,3 +534,157 @@ def test_a_valid_subset_with_one_class_runs_with_a_warning():
     record = _strict(cell_record(probe_over_seeds(None, data, cfg(max_epochs=3), CPU, [1], features=x, log=log.append,
                                                   progress=False), "auc"))  # fmt: skip
     assert 0.5 < record["auc"] <= 1.0 and all(math.isnan(h["valid_metric"]) for h in log)
+
+
+# ------------------------------------------------------------------------- the encoder's normalisation
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class RecordingTrunk(nn.Module):
+    """A trunk stub: keeps every input batch it is given; features are the (B, 3) channel means."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().float().clone())
+        return x.mean((2, 3))
+
+
+def normalised_by_hand(images_u8: np.ndarray, crop: int, mean, std) -> np.ndarray:
+    """Centre crop, grey in [0, 1], 3 channels, (x - mean_c) / std_c, in float64 (crops with an even margin)."""
+    n, h, w = images_u8.shape
+    assert (h - crop) % 2 == 0 and (w - crop) % 2 == 0
+    top, left = (h - crop) // 2, (w - crop) // 2
+    v = images_u8[:, top : top + crop, left : left + crop].astype(np.float64) / 255.0
+    return (v[:, None] - np.asarray(mean)[None, :, None, None]) / np.asarray(std)[None, :, None, None]
+
+
+def test_the_encoders_mean_and_std_reach_its_input():
+    img, _ = toy_images(6, side=40, seed=3)
+    rows = np.array([4, 0, 5])
+    trunk = RecordingTrunk()
+    c = dataclasses.replace(cfg(eval_batch_size=2), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    feats = encode_features(trunk, img, rows, c, CPU, progress=False)
+    got = torch.cat(trunk.inputs).numpy()
+    want = normalised_by_hand(img[rows], 32, IMAGENET_MEAN, IMAGENET_STD)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(feats, want.mean((2, 3)), rtol=0, atol=2e-6)
+    # the default (0.5, 0.5): the historical input bit for bit, and equal to the formula
+    trunk = RecordingTrunk()
+    encode_features(trunk, img, rows, cfg(), CPU, progress=False)
+    default = torch.cat(trunk.inputs)
+    assert torch.equal(default, center_crop_normalize(torch.from_numpy(img[rows]), 32))
+    np.testing.assert_allclose(default.numpy(), normalised_by_hand(img[rows], 32, (0.5,) * 3, (0.5,) * 3), atol=1e-6)
+    # upsampled after normalising (bilinear is linear: the order does not matter)
+    trunk = RecordingTrunk()
+    encode_features(trunk, img, rows, dataclasses.replace(c, upsample=48), CPU, progress=False)
+    up = torch.nn.functional.interpolate(torch.from_numpy(want), size=(48, 48), mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(torch.cat(trunk.inputs).numpy(), up.numpy(), rtol=0, atol=1e-5)  # float32 interpolation
+
+
+def test_random_training_crops_are_normalised_for_the_encoder():
+    """On the fly (augment): each training crop reaches the trunk as (grey - mean_c) / std_c with one grey image
+    in every channel, at the 1/255 levels of the uint8 cache."""
+    img, y = toy_images(30, seed=2)
+    trunk = RecordingTrunk()
+    c = dataclasses.replace(cfg(augment=True, batch_size=6, max_epochs=1, eval_batch_size=16), mean=IMAGENET_MEAN,
+                            std=IMAGENET_STD)  # fmt: skip
+    linear_probe(trunk, task(y, "binary", images=img), c, CPU, seed=0, progress=False)
+    x = torch.cat(trunk.inputs).double().numpy()  # train batches, then valid and test centre crops
+    grey = x * np.asarray(IMAGENET_STD)[None, :, None, None] + np.asarray(IMAGENET_MEAN)[None, :, None, None]
+    np.testing.assert_allclose(grey, np.repeat(grey[:, :1], 3, axis=1), atol=2e-6)
+    np.testing.assert_allclose(grey * 255, np.round(grey * 255), atol=5e-4)
+    assert len(x) == 30 and grey.min() >= -1e-6 and grey.max() <= 1 + 1e-6
+
+
+def test_normalisation_config_is_checked():
+    c = dataclasses.replace(cfg(), mean=[0.485, 0.456, 0.406], std=[1, 1, 1])
+    assert c.mean == IMAGENET_MEAN and c.std == (1.0, 1.0, 1.0)  # lists from params become tuples of floats
+    with pytest.raises(ValueError, match="mean must be 3"):
+        dataclasses.replace(cfg(), mean=(0.5, 0.5))
+    with pytest.raises(ValueError, match="std must be > 0"):
+        dataclasses.replace(cfg(), std=(0.5, 0.0, 0.5))
+
+
+# ---------------------------------------------------------------------------------- bootstrap evidence
+def sklearn_replicate(scores: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> float:
+    """The reference: on the explicitly resampled arrays, each probe's macro AUC by roc_auc_score over the labels
+    with both classes (NaN when none has), then the mean over probes."""
+    per_probe = []
+    for s in scores:
+        aucs = [roc_auc_score(labels[rows, k], s[rows, k]) for k in range(labels.shape[1])
+                if len(np.unique(labels[rows, k])) == 2]  # fmt: skip
+        per_probe.append(np.mean(aucs) if aucs else np.nan)
+    return float(np.mean(per_probe))
+
+
+def test_auc_replicates_match_sklearn_on_resampled_arrays(monkeypatch):
+    rng = np.random.default_rng(5)
+    p, n, k = 3, 30, 3
+    y = rng.integers(0, 2, (n, k)).astype(bool)
+    y[:, 2] = False
+    y[[3, 17], 2] = True  # a rare label: resamples without either case hold one class of it
+    scores = (np.round(rng.normal(size=(p, n, k)) + y, 1)).astype(np.float32)  # rounded: ties, also across classes
+    only_negatives_of_0 = np.resize(np.flatnonzero(~y[:, 0]), n)  # label 0 has one class: skipped
+    idx = np.vstack([resample_indices(n, 40, 0, "auc"), np.arange(n), only_negatives_of_0, np.full(n, 3)])
+    cases = ProbeCases("auc", scores, y)
+    got = replicates(cases, idx)
+    want = np.array([sklearn_replicate(scores, y, rows) for rows in idx])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    assert np.isnan(got[-1]) and np.isnan(want[-1])  # one case drawn n times: every label has one class
+    skipped_2 = [b for b, rows in enumerate(idx[:40]) if not y[rows, 2].any()]
+    assert skipped_2 and not np.isnan(got[skipped_2]).any()  # the rare label is skipped, the others kept
+    # the ranks are computed in chunks of resamples; the chunking changes nothing
+    monkeypatch.setattr(classify, "REPLICATE_CHUNK", 200)
+    np.testing.assert_allclose(replicates(cases, idx), got, rtol=0, atol=1e-12)
+
+
+def test_accuracy_replicates_by_hand():
+    rng = np.random.default_rng(6)
+    logits = rng.normal(size=(4, 25, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, 25)
+    idx = np.vstack([resample_indices(25, 20, 0, "acc"), np.arange(25)])
+    want = [np.mean([np.mean(z[rows].argmax(1) == labels[rows]) for z in logits]) for rows in idx]
+    np.testing.assert_allclose(replicates(ProbeCases("acc", logits, labels), idx), want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["multilabel", "binary", "multiclass"])
+def test_probe_cases_reproduce_the_cells_metric(kind):
+    x, y = separable(kind, n=160, d=64, seed=1)
+    x += np.random.default_rng(2).normal(scale=4.0, size=x.shape).astype(np.float32)
+    tr, va, te = split(160)
+    te = np.random.default_rng(0).permutation(te)  # the evidence follows test_rows, whatever their order
+    data = task(y, kind, rows=(tr, va, te))
+    res = probe_over_seeds(None, data, cfg(max_epochs=8, patience=3, batch_size=16, lr=3e-2), CPU, [7, 3, 11],
+                           features=x, progress=False)  # fmt: skip
+    cases = res["cases"]
+    metric = "acc" if kind == "multiclass" else "auc"
+    assert cases.metric == metric and cases.n == len(te) and cases.scores.shape[:2] == (3, len(te))
+    np.testing.assert_array_equal(cases.labels.reshape(len(te), -1), np.asarray(y)[te].reshape(len(te), -1))
+    assert replicates(cases, np.arange(len(te))[None])[0] == pytest.approx(res[metric], abs=1e-12)
+    for s, run in zip(cases.scores, res["per_seed"]):  # each probe's logits give that probe's own metric
+        assert _metrics(kind, np.asarray(y)[te], s.reshape(len(te), -1) if kind != "binary" else s[:, 0])[metric] \
+            == pytest.approx(run[metric], abs=1e-12)
+    assert isinstance(cases.scores, np.ndarray) and cases.scores.dtype == np.float32
+
+
+def test_probe_cases_on_the_fly():
+    img, y = toy_images(30, seed=2)
+    data = task(y, "binary", images=img)
+    c = cfg(augment=True, batch_size=6, max_epochs=2, eval_batch_size=16)
+    res = probe_over_seeds(small_cnn(), data, c, CPU, [4, 5], progress=False)
+    assert res["cases"].scores.shape == (2, len(data.test_rows), 1)
+    assert replicates(res["cases"], np.arange(len(data.test_rows))[None])[0] == pytest.approx(res["auc"], abs=1e-12)
+
+
+def test_a_test_subset_with_one_class_has_no_interval():
+    x, y = separable("binary", n=120, d=32)
+    y = y.copy()
+    _, _, te = split(len(y))
+    y[te] = 0
+    res = probe_over_seeds(None, task(y, "binary"), cfg(max_epochs=3), CPU, [1], features=x, progress=False)
+    reps = replicates(res["cases"], resample_indices(len(te), 200, 42, "cls_rsna"))
+    assert np.isnan(reps).all() and interval(reps, 0.95) == (None, None)

@@ -15,18 +15,21 @@ from mflag.finetune.data import TaskData
 from mflag.finetune.detect import (
     YOLO_WIDTHS,
     DetectConfig,
+    DetectionCases,
     YoloDetector,
     assign_targets,
     build_detector,
     coco_average_precisions,
     coco_map,
     decode_and_nms,
+    encode_features,
     train_detector,
     yolo_anchors,
     yolo_loss,
 )
 from mflag.models import resnet50_trunk
 from mflag.params import DetectParams
+from mflag.stats import interval, replicates, resample_indices
 
 THRESHOLDS = tuple(np.round(np.arange(0.40, 0.7501, 0.05), 2))
 SMALL = (16, 32, 64)  # narrow neck widths for the training tests (YOLOv3's 128/256/512 are tested for shape)
@@ -335,7 +338,7 @@ def test_train_frozen_encoder_and_determinism(tiny_task):
     assert [rec["epoch"] for rec in logs] == [1, 2]  # once per epoch, numbered
     assert all({"loss", "valid_map", "best", "seconds"} <= set(rec) for rec in logs)
     assert set(res) == {"map", "map_per_iou", "best_epoch", "epochs_run", "n_train", "n_test", "n_test_scored",
-                        "valid_map", "feature_seconds", "train_images_per_second", "model"}  # fmt: skip
+                        "valid_map", "feature_seconds", "train_images_per_second", "cases", "model"}  # fmt: skip
     assert 1 <= res["best_epoch"] <= 2 and len(res["map_per_iou"]) == len(THRESHOLDS)
     assert 0.0 <= res["map"] <= 1.0 and all(math.isfinite(v["loss"]) for v in logs)
     model = res["model"]
@@ -381,6 +384,8 @@ def test_a_test_subset_without_a_box_makes_the_map_not_evaluable(tiny_task):
     assert record["map"] is None and record["not_evaluable"] == check.not_evaluable
     assert record["map_per_iou"] == [None] * len(THRESHOLDS) and record["n_test"] == 4
     json.dumps(record, allow_nan=False)
+    reps = replicates(res["cases"], resample_indices(4, 100, 42, "det_rsna"))  # no resample has a box either
+    assert np.isnan(reps).all() and interval(reps, 0.95) == (None, None)
 
 
 def _without_boxes(boxes: dict, rows: np.ndarray) -> dict:
@@ -476,3 +481,65 @@ def test_small_input_puts_every_box_on_a_two_by_two_grid():
     obj, _ = assign_targets([t * (224 / 64) for t in truths], yolo_anchors(224), [(28, 28), (14, 14), (7, 7)])
     assert [int(o.sum()) for o in obj] == [0, 0, 96]
     assert obj[2].any(axis=(0, 1)).sum() > 4  # more than 2 x 2 distinct cells hold a positive
+
+
+# ------------------------------------------------------------------------- the encoder's normalisation
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def test_the_encoders_mean_and_std_reach_its_input():
+    images = np.random.default_rng(4).integers(0, 256, (5, 32, 32), dtype=np.uint8)
+    rows = np.array([3, 0, 4])
+    model = build_detector(random_trunk_state(1), seed=0, widths=SMALL)
+    inputs = []
+    model.trunk.conv1.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach().float().clone()))
+    cfg = cfg_with(input_size=32, eval_batch_size=2, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    encode_features(model, images, rows, cfg, torch.device("cpu"))
+    v = images[rows].astype(np.float64)[:, None] / 255.0  # grey in [0, 1], 3 channels, (x - mean_c) / std_c
+    want = (v - np.asarray(IMAGENET_MEAN)[None, :, None, None]) / np.asarray(IMAGENET_STD)[None, :, None, None]
+    np.testing.assert_allclose(torch.cat(inputs).numpy(), want, rtol=0, atol=2e-6)
+    inputs.clear()
+    encode_features(model, images, rows, cfg_with(input_size=32, eval_batch_size=8), torch.device("cpu"))
+    x = torch.from_numpy(images[rows])[:, None].float()
+    assert torch.equal(inputs[0], (x / 127.5 - 1.0).expand(-1, 3, -1, -1))  # the default: bit for bit as before
+
+
+# ---------------------------------------------------------------------------------- bootstrap evidence
+@pytest.mark.parametrize("seed,round_scores,drop_empty", [(0, False, False), (2, True, False), (3, True, True)])
+def test_detection_replicates_match_a_fresh_cocoeval_on_the_resampled_images(seed, round_scores, drop_empty):
+    """Reference: the resampled test set materialised, each drawn image a copy under a new image id (coco_map
+    numbers the images it is given), and scored by a fresh COCOeval."""
+    preds, truths = random_case(np.random.default_rng(seed), n_images=21, round_scores=round_scores)
+    cases = DetectionCases.of(preds, truths, THRESHOLDS, drop_empty)
+    no_truth = np.resize([i for i, g in enumerate(truths) if len(g) == 0], 21)  # no box: mAP undefined
+    idx = np.vstack([resample_indices(21, 12, seed, "det_rsna"), np.arange(21), np.arange(21)[::-1], no_truth])
+    got = replicates(cases, idx)
+    want = [coco_map([preds[i] for i in rows], [truths[i] for i in rows], THRESHOLDS, drop_empty) for rows in idx]
+    np.testing.assert_array_equal(got, want)  # bit for bit: the same matches, accumulated in the same order
+    assert np.isnan(got[-1]) and not np.isnan(got[:-1]).any() and len(np.unique(got[:12])) > 6
+    assert got[12] == pytest.approx(coco_map(preds, truths, THRESHOLDS, drop_empty), abs=1e-12)
+    back_preds, back_truths = cases.per_image()  # the evidence holds the images as given
+    for a, b in zip(back_preds + back_truths, preds + truths):
+        np.testing.assert_array_equal(a, np.asarray(b, np.float64).reshape(a.shape))
+
+
+def test_detection_cases_of_a_cell(tiny_task, monkeypatch):
+    from mflag.finetune import detect
+
+    predicted = []
+    real = detect.predict_features
+    monkeypatch.setattr(detect, "predict_features", lambda *a: predicted.append(real(*a)) or predicted[-1])
+    state, images, boxes = tiny_task
+    test = np.array([14, 12, 15, 13])  # the evidence follows test_rows, whatever their order
+    cfg = cfg_with(max_epochs=1, conf_threshold=0.001)  # an untrained head: a low threshold keeps detections
+    res = train_detector(state, task_data(images, boxes, (TINY_ROWS[0], TINY_ROWS[1], test)), cfg, "cpu", seed=1)
+    cases = res["cases"]
+    assert isinstance(cases, DetectionCases) and cases.n == 4 and len(cases.detections) > 4
+    dets, truths = cases.per_image()
+    for got, want in zip(dets, predicted[-1]):  # the test predictions, the last ones made
+        np.testing.assert_array_equal(got, want)
+    scale = 64 / 32  # input_size / cache side
+    for r, g in zip(test, truths):
+        np.testing.assert_allclose(g, boxes.get(int(r), np.zeros((0, 4))) * scale)
+    assert replicates(cases, np.arange(4)[None])[0] == pytest.approx(res["map"], abs=1e-12)

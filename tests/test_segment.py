@@ -262,11 +262,13 @@ def test_same_seed_same_result(trunk_state):
     args = (trunk_state, _task(images, masks, np.arange(8), np.arange(8, 10), np.arange(10, 12)))
     cfg = _cfg(max_epochs=2, batch_size=2, augment=True, balance=True)
     runs = []
+    cases = []
     for seed in (0, 0, 1):
         logs = []
         out = train_segmenter(*args, cfg, "cpu", seed=seed, log=logs.append)
+        cases.append(out.pop("cases"))  # an array: compared on its own
         runs.append((out, _without_timing(logs)))
-    assert runs[0] == runs[1]
+    assert runs[0] == runs[1] and np.array_equal(cases[0], cases[1])
     assert runs[0][1] != runs[2][1]
 
 
@@ -358,3 +360,72 @@ def test_a_train_subset_without_a_positive_mask_stops_the_cell():
     check = check_subsets(_task(images, masks, np.arange(8), np.arange(8, 10), np.arange(10, 14)), "seg", 10)
     assert check.not_evaluable is None
     assert check.warnings[0].startswith("the valid subset (2 rows) has no positive mask")
+
+
+# ------------------------------------------------------------------------- the encoder's normalisation
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _by_hand(images_u8: np.ndarray, mean, std) -> np.ndarray:
+    """Grey in [0, 1], 3 channels, (x - mean_c) / std_c, float64 (images already at the input size)."""
+    v = images_u8.astype(np.float64)[:, None] / 255.0
+    return (v - np.asarray(mean)[None, :, None, None]) / np.asarray(std)[None, :, None, None]
+
+
+def _recording(monkeypatch) -> list[torch.Tensor]:
+    """Every input batch of the U-Net's encoder in the next train_segmenter run."""
+    inputs: list[torch.Tensor] = []
+    real = segment.build_unet
+
+    def build(state, *args):
+        model = real(state, *args)
+        model.encoder.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach().float().clone()))
+        return model
+
+    monkeypatch.setattr(segment, "build_unet", build)
+    return inputs
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_the_encoders_mean_and_std_reach_its_input(trunk_state, monkeypatch, augment):
+    images, masks = _squares(12, 32, seed=8)
+    rows = (np.array([5, 1, 7, 3]), np.array([8, 0]), np.array([11, 2, 9]))
+    inputs = _recording(monkeypatch)
+    cfg = _cfg(max_epochs=1, augment=augment, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    train_segmenter(trunk_state, _task(images, masks, *rows), cfg, "cpu", seed=0)
+    if augment:  # training batches are warped; the test images, predicted last, are not
+        got, want = inputs[-1], _by_hand(images[rows[2]], IMAGENET_MEAN, IMAGENET_STD)
+    else:  # encoded once: train, valid, test
+        got, want = torch.cat(inputs), _by_hand(images[np.concatenate(rows)], IMAGENET_MEAN, IMAGENET_STD)
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=2e-6)
+
+
+def test_default_normalisation_is_the_historical_one():
+    x = torch.from_numpy(_squares(3, 32, seed=1)[0])[:, None].float()
+    got = segment._normalise(x, _cfg(), channels_last=False)
+    assert torch.equal(got, (x / 127.5 - 1.0).expand(-1, 3, -1, -1))  # bit for bit: results unchanged
+    other = segment._normalise(x, _cfg(mean=IMAGENET_MEAN, std=IMAGENET_STD), channels_last=True)
+    np.testing.assert_allclose(other.numpy(), _by_hand(x[:, 0].numpy().astype(np.uint8), IMAGENET_MEAN, IMAGENET_STD),
+                               rtol=0, atol=2e-6)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- bootstrap evidence
+def test_dice_cases_are_the_test_images_dice_in_test_row_order(trunk_state):
+    from mflag.stats import replicates, resample_indices
+
+    images, masks = _squares(14, 32, seed=5, p_empty=0.3)
+    test = np.array([8, 13, 9, 12, 10, 11])
+    cfg = _cfg(max_epochs=2, augment=False, lr=3e-3)
+    out = train_segmenter(trunk_state, _task(images, masks, np.arange(6), np.arange(6, 8), test), cfg, "cpu", seed=0)
+    cases = out["cases"]
+    assert isinstance(cases, np.ndarray) and cases.shape == (6,) and cases.dtype == np.float64
+    assert ((cases >= 0) & (cases <= 1)).all() and len(np.unique(cases)) > 2  # images differ: the order shows
+    assert replicates(cases, np.arange(6)[None])[0] == pytest.approx(out["dice"], abs=1e-15)
+    idx = resample_indices(6, 50, 42, "seg_siim")
+    np.testing.assert_allclose(replicates(cases, idx), [np.mean(cases[r]) for r in idx], rtol=0, atol=1e-15)
+    # the same run with the test rows reversed: the same per-image Dice, reversed (the decoder is in eval mode,
+    # so an image's prediction does not depend on its batch)
+    again = train_segmenter(trunk_state, _task(images, masks, np.arange(6), np.arange(6, 8), test[::-1]), cfg, "cpu",
+                            seed=0)  # fmt: skip
+    np.testing.assert_array_equal(again["cases"], cases[::-1])

@@ -5,7 +5,7 @@ label, or in every column of a multi-label job; segmentation: no positive mask; 
 stops the cell (:class:`SubsetError`: a train subset without any positive), lets it run with a warning, or
 makes its test metric not evaluable: written as null with the reason in ``not_evaluable`` (docs/contracts.md,
 "Metrics"). :func:`cell_record`
-turns an evaluator's result into strict JSON: no NaN or infinity is ever written.
+turns an evaluator's result into strict JSON: no NaN or infinity is ever written, and no bootstrap evidence.
 """
 
 from __future__ import annotations
@@ -135,8 +135,9 @@ def cell_record(result: dict, metric: str, not_evaluable: str | None = None) -> 
     ``metric`` is null, with ``not_evaluable`` holding the reason, where `not_evaluable` is given (a test
     subset with a single class) or the evaluator returned no finite value; ``<metric>_sd`` is then null too.
     Every other undefined float (a seed's metric, an AP at one IoU, an all-NaN validation loss) is null.
+    The bootstrap evidence ``cases`` (arrays, for :func:`mflag.stats.replicates`) is not part of the record.
     """
-    out = _finite_or_none(result)
+    out = _finite_or_none({k: v for k, v in result.items() if k != "cases"})
     value = result.get(metric)
     if not_evaluable is None and metric in result and out[metric] is None:
         not_evaluable = f"the evaluator returned {value!r} for {metric} on the test subset"

@@ -10,8 +10,10 @@ validation loss. AUCs are scikit-learn's ``roc_auc_score``.
 Inputs are a job's :class:`~mflag.finetune.data.TaskData`: the uint8 cache ``(N, S, S)``, the labels of all
 N rows (``kind``) and the rows of each split. Training crops are random crops of side ``crop`` (with
 ``augment``), plus for CheXpert (``moco_aug``) a MoCo-v2-style colour jitter, Gaussian blur and horizontal
-flip, all done batched on tensors; evaluation crops are centre crops. Pixels are normalised with
-mean = std = 0.5 and the crop is optionally upsampled (bilinear) to ``upsample`` pixels before the encoder.
+flip, all done batched on tensors; evaluation crops are centre crops. Crops and augmentation work on pixels
+normalised with mean = std = 0.5; at the encoder's input they are normalised with the encoder's own
+``cfg.mean`` / ``cfg.std`` instead (``(x - mean_c) / std_c`` on grey in [0, 1] replicated to 3 channels; a
+no-op for the default 0.5 / 0.5) and optionally upsampled (bilinear) to ``upsample`` pixels.
 
 Two training paths:
 
@@ -25,6 +27,9 @@ Two training paths:
 Randomness: everything comes from generators seeded by ``seed`` (head init, batch order and augmentation
 each have their own stream, so the batch order does not depend on whether augmentation is drawn); the
 global RNG is never used.
+
+Bootstrap evidence: :func:`probe_over_seeds` returns the probes' test logits and labels (:class:`ProbeCases`),
+from which :func:`mflag.stats.replicates` computes the cell's metric on resamples of the test cases.
 """
 
 from __future__ import annotations
@@ -37,9 +42,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as nnf
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 from mflag.augment import center_crop_normalize
+from mflag.finetune.data import HALF, check_normalisation, renormalise
 
 if TYPE_CHECKING:
     from mflag.finetune.data import TaskData
@@ -48,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ClassifyConfig",
     "KINDS",
+    "ProbeCases",
     "encode_features",
     "linear_probe",
     "probe_over_seeds",
@@ -83,8 +91,11 @@ class ClassifyConfig:
     moco_aug: bool  # MoCo-v2 colour jitter / blur / flip on top of the random crop (CheXpert); only with augment
     eval_batch_size: int
     precision: str  # "fp32" | "bf16" (autocast for the encoder forward)
+    mean: tuple[float, float, float] = HALF  # the encoder's input normalisation per channel, on grey in [0, 1]
+    std: tuple[float, float, float] = HALF
 
     def __post_init__(self) -> None:
+        check_normalisation(self)
         for name in ("batch_size", "max_epochs", "patience", "crop", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ClassifyConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -145,6 +156,75 @@ def accuracy(y_true: np.ndarray, logits: np.ndarray) -> float:
     if len(y) == 0:
         return float("nan")
     return float((pred == y.astype(np.int64)).mean())
+
+
+# ------------------------------------------------------------------------------------ bootstrap evidence
+REPLICATE_CHUNK = 1 << 22  # elements ranked per step of the AUC replicates: ~30 bytes each of working arrays
+
+
+@dataclass(frozen=True)
+class ProbeCases:
+    """What a cell's probes did on each test case (rows in ``data.test_rows`` order), for the bootstrap.
+
+    ``metric`` "auc": the cell reports the mean over probes of :func:`macro_auc` (the labels with a single class
+    among the cases are skipped; a probe's value is NaN when every label is); ``scores`` (P, n, L) float32 are
+    the P probes' test logits, ``labels`` (n, L) bool. ``metric`` "acc" (multiclass): the mean over probes of
+    :func:`accuracy`; ``scores`` (P, n, C) logits, ``labels`` (n,) int64 class ids.
+    """
+
+    metric: str
+    scores: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.scores.shape[1])
+
+    def replicates(self, idx: np.ndarray) -> np.ndarray:
+        """(B,) the cell's metric on each row of test-case indices ``idx`` (B, m)."""
+        if self.metric == "acc":
+            z = self.scores
+            pred = z.argmax(-1) if z.shape[-1] > 1 else (z[..., 0] > 0).astype(np.int64)
+            hits = (pred == self.labels[None, :]).mean(0)  # (n,): per case, the share of probes right
+            return hits[idx].mean(1) if idx.shape[1] else np.full(len(idx), np.nan)
+        return _auc_replicates(self.scores, self.labels, idx)
+
+
+def _auc_replicates(scores: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Mean over probes of the macro AUC on each resample: scores (P, n, L), labels (n, L) bool, idx (B, m).
+
+    AUC = (sum of the positives' ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg), ties ranked by their average
+    (the Mann-Whitney identity, equal to roc_auc_score): one rankdata call ranks every probe, label and
+    resample at once, where roc_auc_score is one call per resample (1000 resamples x probes x labels x cells
+    would take minutes)."""
+    p, _, k = scores.shape
+    m = idx.shape[1]
+    s = np.ascontiguousarray(np.moveaxis(scores, 2, 1))  # (P, L, n)
+    y = np.ascontiguousarray(labels.T)  # (L, n)
+    out = np.empty(len(idx))
+    step = max(1, REPLICATE_CHUNK // max(p * k * m, 1))
+    for a in range(0, len(idx), step):
+        i = idx[a : a + step]  # (b, m)
+        yb = y[:, i]  # (L, b, m)
+        ranks = rankdata(s[:, :, i], axis=-1)  # (P, L, b, m)
+        n_pos = yb.sum(-1)  # (L, b)
+        n_neg = m - n_pos
+        u = np.where(yb, ranks, 0.0).sum(-1) - n_pos * (n_pos + 1) / 2.0  # (P, L, b)
+        defined = (n_pos > 0) & (n_neg > 0)  # a label with one class in the resample is skipped
+        with np.errstate(invalid="ignore", divide="ignore"):
+            auc = np.where(defined, u / (n_pos * n_neg), 0.0)
+            macro = auc.sum(1) / defined.sum(0)  # (P, b); 0 / 0 = NaN where every label is skipped
+        out[a : a + step] = macro.mean(0)
+    return out
+
+
+def _probe_cases(kind: str, y_test: np.ndarray, logits: np.ndarray) -> ProbeCases:
+    """The evidence of P probes: their test logits (P, n, K) and the test labels as :func:`_targets` gives them."""
+    logits = np.asarray(logits, dtype=np.float32)
+    if kind == "multiclass":
+        return ProbeCases("acc", logits, np.asarray(y_test, dtype=np.int64).reshape(-1))
+    labels = np.asarray(y_test).reshape(len(y_test), -1).astype(bool)
+    return ProbeCases("auc", logits.reshape(logits.shape[0], len(labels), -1), labels)
 
 
 # ---------------------------------------------------------------------------------------- transforms
@@ -240,8 +320,10 @@ def _prepare_trunk(trunk: nn.Module, device: torch.device, channels_last: bool) 
 
 
 def _trunk_forward(trunk: nn.Module, x: torch.Tensor, cfg: ClassifyConfig, channels_last: bool) -> torch.Tensor:
-    """Normalised crops (B, 3, c, c) -> float32 features (B, D), without autograd, encoder frozen."""
+    """Crops (B, 3, c, c) normalised with mean = std = 0.5 -> float32 features (B, D) of the encoder's input
+    (``cfg.mean`` / ``cfg.std``, upsampled), without autograd, encoder frozen."""
     _freeze(trunk)
+    x = renormalise(x, cfg.mean, cfg.std)
     if cfg.upsample:
         x = nnf.interpolate(x, size=(cfg.upsample, cfg.upsample), mode="bilinear", align_corners=False)
     if channels_last:
@@ -418,6 +500,24 @@ def linear_probe(
     Returns {"auc" | "acc" (+ "auc"), ..., "best_epoch", "epochs_run", "n_train", "best_valid_loss"}:
     multilabel adds "auc_per_label" (None where a label has one class in test) and "auc_skipped".
     """
+    return _linear_probe(trunk, data, cfg, device, seed, features, log, progress=progress,
+                         cache_features=cache_features, channels_last=channels_last)[0]  # fmt: skip
+
+
+def _linear_probe(
+    trunk: nn.Module | None,
+    data: TaskData,
+    cfg: ClassifyConfig,
+    device: torch.device | str,
+    seed: int,
+    features: np.ndarray | None,
+    log: Callable[[dict], None] | None,
+    *,
+    progress: bool,
+    cache_features: bool,
+    channels_last: bool,
+) -> tuple[dict, np.ndarray]:
+    """:func:`linear_probe`'s result and the best head's test logits (n_test, K) float32."""
     device = torch.device(device)
     kind, images_u8 = data.kind, data.images
     rows, (y_train, y_valid, y_test), n_out = _probe_inputs(data, features, device)
@@ -491,7 +591,7 @@ def linear_probe(
     out = _metrics(kind, y_test.cpu().numpy(), test_logits)
     out.update(best_epoch=int(best["epoch"]), epochs_run=int(epoch), n_train=int(len(train_rows)),
                best_valid_loss=float(best["loss"]))  # fmt: skip
-    return out
+    return out, test_logits
 
 
 def _head_losses(kind: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -524,12 +624,13 @@ def _probe_heads(
     cfg: ClassifyConfig,
     seeds: list[int],
     log: Callable[[dict], None] | None,
-) -> list[dict]:
+) -> tuple[list[dict], np.ndarray]:
     """:func:`linear_probe`'s cached-feature path for several seeds at once: one head per seed, with that
     seed's init, batch order and early stopping, the heads stacked into one (S, K, D) weight so that a step
     is one batched product instead of S small ones (AdamW is element-wise, so the heads stay independent).
     A head that has stopped leaves the batch. Equal to S separate probes up to floating-point summation
-    order (tests/test_classify.py). ``log`` receives the first seed's curve."""
+    order (tests/test_classify.py). ``log`` receives the first seed's curve. Returns each seed's result and
+    the heads' test logits (S, n_test, K) float32."""
     heads, n, d_in = len(seeds), len(f_train), f_train.shape[1]
     inits = [_init_head(d_in, n_out, torch.Generator().manual_seed(s)) for s in seeds]
     weight = nn.Parameter(torch.stack([h.weight.detach() for h in inits]).to(f_train.device))
@@ -599,7 +700,7 @@ def _probe_heads(
         out.update(best_epoch=int(best_epoch[h]), epochs_run=int(stopped[h]), n_train=int(n),
                    best_valid_loss=float(best_loss[h]))  # fmt: skip
         runs.append(out)
-    return runs
+    return runs, z_test
 
 
 def probe_over_seeds(
@@ -619,9 +720,10 @@ def probe_over_seeds(
     several points (docs/design.md, "Linear probe"), so one run cannot rank two encoders whose difference is
     smaller than that. Returns the mean over seeds of each test metric (``auc``, ``acc``, and for
     multi-label ``auc_per_label``, None where every seed skipped the label), ``<metric>_sd`` (the sample
-    standard deviation over seeds, with two seeds or more), ``n_train``, ``seeds`` and ``per_seed``: each
-    seed's own result (as :func:`linear_probe` returns it, plus ``seed``). ``log`` receives the curves of
-    the first seed only.
+    standard deviation over seeds, with two seeds or more), ``n_train``, ``seeds``, ``per_seed``: each
+    seed's own result (as :func:`linear_probe` returns it, plus ``seed``), and ``cases``: the test evidence
+    (:class:`ProbeCases`, test cases in ``data.test_rows`` order) for :func:`mflag.stats.replicates`. ``log``
+    receives the curves of the first seed only.
     """
     if not seeds:
         raise ValueError("probe_over_seeds needs at least one seed")
@@ -632,13 +734,15 @@ def probe_over_seeds(
     if features is None and not cfg.augment and trunk is not None:  # one feature pass serves every seed
         features = encode_features(trunk, data.images, np.arange(len(data.images)), cfg, device, progress)
     if cfg.augment or features is None:  # each seed's training crops go through the encoder
-        results = [linear_probe(trunk, data, cfg, device, s, features=features, log=log if i == 0 else None,
-                                progress=progress) for i, s in enumerate(seeds)]  # fmt: skip
+        probes = [_linear_probe(trunk, data, cfg, device, s, features, log if i == 0 else None, progress=progress,
+                                cache_features=True, channels_last=True) for i, s in enumerate(seeds)]  # fmt: skip
+        results = [r for r, _ in probes]
+        test_logits = np.stack([z for _, z in probes])
     else:  # cached features: the heads train together
         device = torch.device(device)
         rows, y, n_out = _probe_inputs(data, features, device)
         f = [_stored_features(features, r, device) for r in rows]
-        results = _probe_heads(f[0], y[0], f[1], y[1], f[2], y[2], kind, n_out, cfg, seeds, log)
+        results, test_logits = _probe_heads(f[0], y[0], f[1], y[1], f[2], y[2], kind, n_out, cfg, seeds, log)
     runs = [{"seed": s, **r} for s, r in zip(seeds, results)]
     out: dict = {}
     for name in ("auc", "acc"):
@@ -652,4 +756,6 @@ def probe_over_seeds(
                for k in range(len(runs[0]["auc_per_label"]))]  # fmt: skip
         out["auc_per_label"] = [float(np.mean(v)) if v else None for v in per]
     out.update(n_train=runs[0]["n_train"], seeds=[r["seed"] for r in runs], per_seed=runs)
+    test_rows = np.asarray(data.test_rows, dtype=np.int64).reshape(-1)
+    out["cases"] = _probe_cases(kind, _targets(data.labels, kind)[0][torch.from_numpy(test_rows)].numpy(), test_logits)
     return out

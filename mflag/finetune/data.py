@@ -1,20 +1,27 @@
-"""A downstream job's data: one dataset's uint8 cache, its labels, and the rows of each split.
+"""A downstream job's data: one dataset's uint8 cache, its labels, and the rows of each split; and how the
+evaluators turn its grey levels into an encoder's input.
 
 The train rows of a data fraction p are the cache rows with `pct <= p` (docs/contracts.md: nested subsets).
+An encoder's input is the grey image in [0, 1], replicated to 3 channels, normalised per channel as
+``(x - mean_c) / std_c`` with the encoder's own ``mean`` and ``std`` (the encoders trained here: 0.5, 0.5;
+torchvision's ImageNet weights: 0.485 / 0.456 / 0.406 and 0.229 / 0.224 / 0.225).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from mflag.data import LABEL_COLUMNS
 
 COVIDX_CLASSES = ("normal", "pneumonia", "COVID-19")
+HALF = (0.5, 0.5, 0.5)  # the default mean and std: the pipeline's own normalisation (x / 127.5 - 1 on grey levels)
 
 
 @dataclass
@@ -67,3 +74,46 @@ def load_task_data(cache_dir: Path, dataset: str, task: str, pct: int = 100) -> 
         for image_id, g in boxes.groupby("image_id", sort=False):
             data.boxes[row_of[image_id]] = g[["x1", "y1", "x2", "y2"]].to_numpy(np.float32)
     return data
+
+
+# ------------------------------------------------------------------------------------------ normalisation
+def check_normalisation(config: object) -> None:
+    """Validate a (frozen) evaluator config's ``mean`` and ``std`` and store them as tuples of 3 floats (so that
+    lists, as params give them, compare equal to tuples)."""
+    name = type(config).__name__
+    for field_name in ("mean", "std"):
+        value = getattr(config, field_name)
+        try:
+            values = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}.{field_name} must be 3 numbers (one per channel), got {value!r}") from None
+        if len(values) != 3 or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{name}.{field_name} must be 3 finite numbers (one per channel), got {value!r}")
+        if field_name == "std" and min(values) <= 0:
+            raise ValueError(f"{name}.std must be > 0 in every channel, got {value!r}")
+        object.__setattr__(config, field_name, values)
+
+
+def _is_half(mean: tuple[float, ...], std: tuple[float, ...]) -> bool:
+    return tuple(mean) == HALF and tuple(std) == HALF
+
+
+def _per_channel(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
+
+
+def normalise_grey(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Grey levels (B, 1, H, W) in [0, 255] (float) -> the encoder's input (B, 3, H, W): ``(x / 255 - mean_c) /
+    std_c``. With the default mean = std = 0.5 it is ``x / 127.5 - 1`` expanded to 3 channels (a view), the
+    evaluators' historical operations, bit for bit."""
+    if _is_half(mean, std):
+        return (x / 127.5 - 1.0).expand(-1, 3, -1, -1)
+    return (x / 255.0 - _per_channel(mean, x)) / _per_channel(std, x)
+
+
+def renormalise(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Images (B, 3, H, W) normalised with mean = std = 0.5 (values in [-1, 1]) -> normalised with ``mean``,
+    ``std``: ``((x + 1) / 2 - mean_c) / std_c``. The same tensor, untouched, for the default."""
+    if _is_half(mean, std):
+        return x
+    return ((x + 1.0) * 0.5 - _per_channel(mean, x)) / _per_channel(std, x)

@@ -25,8 +25,8 @@ Training. No augmentation and a frozen encoder: the three feature maps of every 
 once (no grad, eval mode, channels_last, in the configured precision) and only the neck/head is
 trained on them, with torch.optim.AdamW; the validation mAP after every epoch selects the checkpoint and stops
 training after `patience` epochs without improvement. Input: the uint8 cache resized bilinearly
-(antialiased when shrinking) to `input_size`, grey replicated to 3 channels, mean = std = 0.5; boxes
-are scaled with the image.
+(antialiased when shrinking) to `input_size`, grey replicated to 3 channels and normalised with the
+encoder's `mean` / `std` (on grey in [0, 1]; default 0.5 / 0.5); boxes are scaled with the image.
 
 Inference: score = sigmoid(objectness) x sigmoid(class); boxes with score > conf_threshold, clipped to
 the image, greedy NMS at nms_iou (torchvision.ops.nms), at most 100 per image.
@@ -36,6 +36,9 @@ pycocotools' COCOeval (greedy matching by score, 101-point interpolated precisio
 crowd, no cap on detections per image) over all test images: an image with no prediction or no box
 still counts. With ``drop_empty`` the images with no prediction or no ground-truth box are left out
 first, as the reference code does (that inflates the value; kept only for comparison).
+
+Bootstrap evidence: the test boxes and detections (:class:`DetectionCases`), whose replicates re-run
+pycocotools' accumulation on resamples of the evaluated test images.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_iou, nms
 
+from mflag.finetune.data import HALF, check_normalisation, normalise_grey
 from mflag.finetune.memo import FeatureMemo, no_memo
 from mflag.models import resnet50_trunk
 
@@ -90,6 +94,11 @@ class DetectConfig:
     eval_batch_size: int
     precision: str  # fp32 | bf16
     widths: tuple[int, ...] = YOLO_WIDTHS  # the neck's widths at strides 8, 16, 32 (YOLOv3's by default)
+    mean: tuple[float, float, float] = HALF  # the encoder's input normalisation per channel, on grey in [0, 1]
+    std: tuple[float, float, float] = HALF
+
+    def __post_init__(self) -> None:
+        check_normalisation(self)
 
     @classmethod
     def from_params(cls, c: DetectParams, dataset: str, pct: int, precision: str) -> DetectConfig:
@@ -335,22 +344,24 @@ def yolo_loss(
 
 
 # ------------------------------------------------------------------------------------------------ metric
-def coco_average_precisions(
-    preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], iou_thresholds: Sequence[float], drop_empty: bool = False
-) -> np.ndarray:
-    """Per IoU threshold, COCO's single-class AP over all images, by pycocotools' COCOeval (area "all",
-    no crowd, 101 recall points, no cap on detections per image). preds: per image (n, 5) x1, y1, x2, y2,
-    score; truths: per image (m, 4). Every image counts, with or without boxes or predictions, unless
-    ``drop_empty`` (then only those with both). NaN where there is no truth box at all (pycocotools: -1)."""
-    if len(preds) != len(truths):
-        raise ValueError(f"{len(preds)} prediction lists for {len(truths)} images")
-    thr = np.asarray(iou_thresholds, np.float64)
+def _pred_array(p) -> np.ndarray:
+    return np.asarray(p, np.float64).reshape(-1, 5)
+
+
+def _truth_array(g) -> np.ndarray:
+    return np.asarray(g, np.float64).reshape(-1, 4)
+
+
+def _evaluated(
+    preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], iou_thresholds: Sequence[float], keep: Sequence[bool]
+) -> COCOeval | None:
+    """pycocotools' COCOeval after ``evaluate()`` of the images with ``keep`` (image i has id i + 1), or None
+    where none of them has a truth box. Call inside a stdout redirection (COCO and COCOeval print progress)."""
     images, gts, dts, max_dets = [], [], [], MAX_DETECTIONS
-    for image_id, (p, g) in enumerate(zip(preds, truths), start=1):
-        p = np.asarray(p, np.float64).reshape(-1, 5)
-        g = np.asarray(g, np.float64).reshape(-1, 4)
-        if drop_empty and (len(p) == 0 or len(g) == 0):
+    for image_id, (p, g, k) in enumerate(zip(preds, truths, keep), start=1):
+        if not k:
             continue
+        p, g = _pred_array(p), _truth_array(g)
         images.append({"id": image_id})
         max_dets = max(max_dets, len(p))
         for x1, y1, x2, y2 in g.tolist():
@@ -364,25 +375,49 @@ def coco_average_precisions(
     if not gts:
         # pycocotools leaves precision at -1 when no image has a truth box (and refuses to accumulate an
         # evaluation without images): no AP is defined
-        return np.full(len(thr), np.nan)
+        return None
     categories = [{"id": 1, "name": "box"}]
-    with contextlib.redirect_stdout(io.StringIO()):  # COCO and COCOeval print progress
-        coco_gt, coco_dt = COCO(), COCO()
-        # the results are built like the ground truth, not by COCO.loadRes, which fails on an empty list
-        # (an untrained head may predict nothing); the fields are loadRes's for boxes
-        coco_gt.dataset = {"images": images, "annotations": gts, "categories": categories}
-        coco_dt.dataset = {"images": images, "annotations": dts, "categories": categories}
-        coco_gt.createIndex()
-        coco_dt.createIndex()
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
-        ev.params.iouThrs = thr
-        ev.params.maxDets = [max_dets]
-        ev.params.areaRng = [[0.0, 1e5**2]]
-        ev.params.areaRngLbl = ["all"]
-        ev.evaluate()
-        ev.accumulate()
+    coco_gt, coco_dt = COCO(), COCO()
+    # the results are built like the ground truth, not by COCO.loadRes, which fails on an empty list
+    # (an untrained head may predict nothing); the fields are loadRes's for boxes
+    coco_gt.dataset = {"images": images, "annotations": gts, "categories": categories}
+    coco_dt.dataset = {"images": images, "annotations": dts, "categories": categories}
+    coco_gt.createIndex()
+    coco_dt.createIndex()
+    ev = COCOeval(coco_gt, coco_dt, "bbox")
+    ev.params.iouThrs = np.asarray(iou_thresholds, np.float64)
+    ev.params.maxDets = [max_dets]
+    ev.params.areaRng = [[0.0, 1e5**2]]
+    ev.params.areaRngLbl = ["all"]
+    ev.evaluate()
+    return ev
+
+
+def _accumulated_aps(ev: COCOeval) -> np.ndarray:
+    """``accumulate()`` and the AP per IoU threshold (NaN where pycocotools leaves -1: no truth box)."""
+    ev.accumulate()
     precision = ev.eval["precision"][:, :, 0, 0, 0]  # (thresholds, 101 recall points)
     return np.where((precision < 0).any(1), np.nan, precision.mean(1))
+
+
+def _scored(p: np.ndarray, g: np.ndarray, drop_empty: bool) -> bool:
+    """Whether an image counts: every image does, unless ``drop_empty`` (then those with a prediction and a box)."""
+    return not drop_empty or (len(p) > 0 and len(g) > 0)
+
+
+def coco_average_precisions(
+    preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], iou_thresholds: Sequence[float], drop_empty: bool = False
+) -> np.ndarray:
+    """Per IoU threshold, COCO's single-class AP over all images, by pycocotools' COCOeval (area "all",
+    no crowd, 101 recall points, no cap on detections per image). preds: per image (n, 5) x1, y1, x2, y2,
+    score; truths: per image (m, 4). Every image counts, with or without boxes or predictions, unless
+    ``drop_empty`` (then only those with both). NaN where there is no truth box at all (pycocotools: -1)."""
+    if len(preds) != len(truths):
+        raise ValueError(f"{len(preds)} prediction lists for {len(truths)} images")
+    keep = [_scored(_pred_array(p), _truth_array(g), drop_empty) for p, g in zip(preds, truths)]
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO and COCOeval print progress
+        ev = _evaluated(preds, truths, iou_thresholds, keep)
+        return np.full(len(iou_thresholds), np.nan) if ev is None else _accumulated_aps(ev)
 
 
 def coco_map(
@@ -392,14 +427,80 @@ def coco_map(
     return float(np.mean(coco_average_precisions(preds, truths, iou_thresholds, drop_empty)))
 
 
+@dataclass(frozen=True)
+class DetectionCases:
+    """A detection cell's test images (in ``data.test_rows`` order) for the bootstrap: every image's truth boxes
+    and detections, flat, image by image: ``boxes`` (M, 4) x1, y1, x2, y2 with ``box_image`` (M,) the image
+    index of each, ``detections`` (K, 5) x1, y1, x2, y2, score with ``detection_image`` (K,), both in input
+    pixels as the metric saw them; ``n`` images; and the metric's settings."""
+
+    n: int
+    boxes: np.ndarray
+    box_image: np.ndarray
+    detections: np.ndarray
+    detection_image: np.ndarray
+    iou_thresholds: tuple[float, ...]
+    drop_empty: bool
+
+    @classmethod
+    def of(cls, preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], iou_thresholds: Sequence[float],
+           drop_empty: bool) -> DetectionCases:  # fmt: skip
+        """The evidence of per-image detections ``preds`` (n, 5) and ``truths`` (m, 4), as coco_map takes them."""
+        if len(preds) != len(truths):
+            raise ValueError(f"{len(preds)} prediction lists for {len(truths)} images")
+        p = [_pred_array(x) for x in preds]
+        g = [_truth_array(x) for x in truths]
+        n = len(p)
+        return cls(n=n, boxes=np.concatenate(g) if g else np.zeros((0, 4)),
+                   box_image=np.repeat(np.arange(n), [len(x) for x in g]),
+                   detections=np.concatenate(p) if p else np.zeros((0, 5)),
+                   detection_image=np.repeat(np.arange(n), [len(x) for x in p]),
+                   iou_thresholds=tuple(float(t) for t in iou_thresholds), drop_empty=bool(drop_empty))  # fmt: skip
+
+    def per_image(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(detections, truths) of each image, as coco_map takes them."""
+
+        def split(values: np.ndarray, image: np.ndarray) -> list[np.ndarray]:
+            return np.split(values, np.cumsum(np.bincount(image, minlength=self.n))[:-1]) if self.n else []
+
+        return split(self.detections, self.detection_image), split(self.boxes, self.box_image)
+
+    def replicates(self, idx: np.ndarray) -> np.ndarray:
+        """(B,) the mAP (mean over the IoU thresholds, as :func:`coco_map`) on each row of image indices ``idx``
+        (B, m): the images of the row in its order, a drawn image counting as many times as drawn.
+
+        pycocotools' own matching and accumulation: every image is matched once (``evaluate()``; an image's
+        matches do not depend on the other images), then for each resample ``evalImgs`` is rebuilt in the
+        resample's order and ``accumulate()`` run on it, which is what a fresh COCOeval on the resampled
+        images, each copy under a new image id, computes (tests/test_detect.py)."""
+        out = np.full(len(idx), np.nan)
+        preds, truths = self.per_image()
+        counts = np.array([_scored(p, g, self.drop_empty) for p, g in zip(preds, truths)], dtype=bool)
+        with contextlib.redirect_stdout(io.StringIO()):  # COCO and COCOeval print progress
+            ev = _evaluated(preds, truths, self.iou_thresholds, [True] * self.n)
+            if ev is None:  # no truth box in the test set: no resample has one
+                return out
+            # one category, one area range: evalImgs[i] is image id i + 1's match record (None: no box, no detection)
+            matched = list(ev.evalImgs)
+            for b, rows in enumerate(np.asarray(idx)):
+                rows = rows[counts[rows]]
+                ids = list(range(1, len(rows) + 1))  # accumulate() reads evalImgs by position in imgIds
+                ev.evalImgs = [matched[r] for r in rows]
+                ev.params.imgIds = ids
+                ev._paramsEval.imgIds = ids
+                out[b] = np.mean(_accumulated_aps(ev))
+        return out
+
+
 # -------------------------------------------------------------------------------------------- training
-def _prepare_images(images_u8: np.ndarray, rows: np.ndarray, input_size: int, device: torch.device) -> torch.Tensor:
+def _prepare_images(images_u8: np.ndarray, rows: np.ndarray, cfg: DetectConfig, device: torch.device) -> torch.Tensor:
+    """The encoder's input (B, 3, s, s) of `rows`: resized to ``cfg.input_size``, normalised with cfg.mean / std."""
     x = torch.from_numpy(np.ascontiguousarray(images_u8[rows])).to(device)
     x = x[:, None].float()
-    if x.shape[-1] != input_size or x.shape[-2] != input_size:
-        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
-    x = x / 127.5 - 1.0  # mean = std = 0.5 on [0, 1]
-    return x.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
+    size = cfg.input_size
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return normalise_grey(x, cfg.mean, cfg.std).contiguous(memory_format=torch.channels_last)
 
 
 def encode_features(
@@ -420,7 +521,7 @@ def encode_features(
             store = device
     feats: list[torch.Tensor] | None = None
     for start in range(0, n, cfg.eval_batch_size):
-        x = _prepare_images(images_u8, rows[start : start + cfg.eval_batch_size], s, device)
+        x = _prepare_images(images_u8, rows[start : start + cfg.eval_batch_size], cfg, device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             maps = model.features(x)
         if feats is None:
@@ -472,7 +573,9 @@ def train_detector(
     Reads ``data.images`` ((N, S, S) uint8), ``data.boxes`` (cache row -> (n, 4) x1, y1, x2, y2 in cache
     pixels; rows without boxes absent or empty) and ``data.train_rows``, ``valid_rows``, ``test_rows``.
     Returns {"map", "map_per_iou", "best_epoch", "epochs_run", "n_train", "n_test", "n_test_scored",
-    "valid_map", "feature_seconds", "train_images_per_second"} (+ "model", on the CPU, with return_model).
+    "valid_map", "feature_seconds", "train_images_per_second", "cases"} (+ "model", on the CPU, with
+    return_model); ``cases``, the bootstrap evidence for :func:`mflag.stats.replicates`, is the test images'
+    boxes and detections (:class:`DetectionCases`, in ``test_rows`` order).
     A trailing batch of a single image is dropped (train-mode batch norm on a 1x1 map cannot take it).
     `log`: called once per epoch with that epoch's record ("epoch", the mean losses, "valid_map", "best",
     "seconds").
@@ -567,6 +670,7 @@ def train_detector(
         "valid_map": best_valid_map,
         "feature_seconds": feature_seconds,
         "train_images_per_second": train_seen / train_time if train_time > 0 else float("nan"),
+        "cases": DetectionCases.of(test_preds, test_truths, cfg.iou_thresholds, cfg.drop_empty_test),
     }
     if return_model:
         result["model"] = model.cpu()

@@ -1,7 +1,7 @@
 """Sharing the frozen encoder's features of a job's valid and test splits between its three fractions.
 
 The encoder is frozen and the valid and test rows do not depend on the data fraction, so the 1, 10 and
-100 % cells of a job and init, which run in one process (stage ``finetune@<job>-<init>``), need those
+100 % cells of a job and encoder, which run in one process (``finetune_<task>@<dataset>-<encoder>``), need those
 features once. The segmenter and the detector take a ``memo(split, compute)`` callable: :func:`no_memo`
 always computes; :class:`MemoryMemo` keeps the first result of each split in memory for the process.
 """

@@ -11,9 +11,9 @@ the validation loss, the best epoch's decoder is tested. Metric: Dice per image 
 
 Data: the uint8 cache ``(N, S, S)`` with its 0/1 masks, moved once to the device; each batch is resized
 there to ``input_size`` (bilinear, masks nearest), augmented with a batched shift-scale-rotate (one
-``grid_sample`` for image and mask together, the mask thresholded at 0.5), normalised with mean = std = 0.5
-and replicated to 3 channels. All randomness (balancing, decoder init, order, augmentation) comes from
-``seed``; the global RNG is left as it was.
+``grid_sample`` for image and mask together, the mask thresholded at 0.5), replicated to 3 channels and
+normalised with the encoder's ``cfg.mean`` / ``cfg.std`` (on grey in [0, 1]; default 0.5 / 0.5). All
+randomness (balancing, decoder init, order, augmentation) comes from ``seed``; the global RNG is left as it was.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as nnf
 
+from mflag.finetune.data import HALF, check_normalisation, normalise_grey
 from mflag.finetune.memo import FeatureMemo, no_memo
 
 if TYPE_CHECKING:
@@ -68,8 +69,11 @@ class SegmentConfig:
     eval_batch_size: int  # test predictions only (the validation loss uses batch_size, as MGCA's loader)
     precision: str  # "fp32" | "bf16" (autocast; bf16 also runs in channels_last)
     decoder_channels: tuple[int, ...] = DECODER_CHANNELS  # smp's default (256, 128, 64, 32, 16)
+    mean: tuple[float, float, float] = HALF  # the encoder's input normalisation per channel, on grey in [0, 1]
+    std: tuple[float, float, float] = HALF
 
     def __post_init__(self) -> None:
+        check_normalisation(self)
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"SegmentConfig.precision must be fp32 or bf16, got {self.precision!r}")
         if self.input_size < 32 or self.input_size % 32:
@@ -235,9 +239,9 @@ def shift_scale_rotate(
     return out_x, out_m
 
 
-def _normalise(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """[0, 255] grey (B, 1, H, W) -> mean = std = 0.5 normalised (B, 3, H, W)."""
-    x = (x / 127.5 - 1.0).expand(-1, 3, -1, -1)
+def _normalise(x: torch.Tensor, cfg: SegmentConfig, channels_last: bool) -> torch.Tensor:
+    """[0, 255] grey (B, 1, H, W) -> the encoder's input (B, 3, H, W), normalised with ``cfg.mean`` / ``cfg.std``."""
+    x = normalise_grey(x, cfg.mean, cfg.std)
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
@@ -257,7 +261,7 @@ def _encode(
     for i in range(0, len(images), cfg.eval_batch_size):
         x, m = _resize(images[i : i + cfg.eval_batch_size], masks[i : i + cfg.eval_batch_size], cfg.input_size)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            feats = model.encoder(_normalise(x, channels_last))
+            feats = model.encoder(_normalise(x, cfg, channels_last))
         feats = [feats[0][:, :0]] + [f.to(torch.bfloat16 if amp else torch.float32) for f in feats[1:]]
         levels = [[] for _ in feats] if not levels else levels
         for store, f in zip(levels, feats):
@@ -288,7 +292,9 @@ def train_segmenter(
 
     Reads ``data.images`` and ``data.masks`` ((N, S, S) uint8, masks 0/1, memory-mapped or not) at
     ``data.train_rows``, ``valid_rows`` and ``test_rows``. Returns ``{"dice", "best_epoch", "epochs_run",
-    "n_train"}`` (epochs count from 1; ``n_train`` after balancing). ``log`` receives one dict per epoch,
+    "n_train", "cases"}`` (epochs count from 1; ``n_train`` after balancing); ``cases``, the bootstrap evidence
+    for :func:`mflag.stats.replicates`, is the (n_test,) float64 Dice of each test image in ``test_rows``
+    order, whose mean is ``dice``. ``log`` receives one dict per epoch,
     with its ``"epoch"``. ``memo``, called as ``memo("valid" | "test", compute)``, may return a stored result
     of ``compute()`` (the frozen encoder's features and the resized masks of that split, which every
     fraction of a job shares) instead of calling it.
@@ -348,7 +354,7 @@ def train_segmenter(
         x, m = _resize(images[idx], masks[idx], cfg.input_size)
         if augment:
             x, m = shift_scale_rotate(x, m, MGCA_SSR, gen)
-        return forward(_normalise(x, channels_last)), m
+        return forward(_normalise(x, cfg, channels_last)), m
 
     @torch.no_grad()
     def predict(split: str, batch_size: int):
@@ -404,10 +410,11 @@ def train_segmenter(
     # The best epoch's decoder and head; the encoder never changed.
     missing, unexpected = model.load_state_dict(best["state"], strict=False)
     assert not unexpected and all(k.startswith("encoder.") for k in missing), (missing, unexpected)
-    test_dice = [_dice(logits, m) for logits, m in predict("test", cfg.eval_batch_size)]
+    test_dice = np.concatenate([_dice(logits, m) for logits, m in predict("test", cfg.eval_batch_size)])
     return {
-        "dice": float(np.concatenate(test_dice).mean()),
+        "dice": float(test_dice.mean()),
         "best_epoch": best["epoch"],
         "epochs_run": epochs_run,
         "n_train": int(len(train_rows)),
+        "cases": test_dice.astype(np.float64),
     }
