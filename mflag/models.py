@@ -1,8 +1,11 @@
 """The M-FLAG model of the reference code: a ResNet-50 trunk and two projection heads.
 
 image:  ResNet-50 without fc -> h_img (B, 2048) -> proj_img: Linear-BN-ReLU-Linear-BN(no affine) -> z_img
-text:   frozen LM embedding (B, D_lm), cached upstream -> proj_txt: the same shape of head -> z_txt
-No loss is computed here (see mflag/losses.py).
+text:   frozen LM embedding (B, D_lm), cached upstream -> proj_txt: the same shape of head -> z_txt;
+        or, with a text tower (the LM's top layers training: ConVIRT, M-FLAG's free_layers), the cached
+        lower-layer token states -> tower -> (B, D_lm) -> proj_txt
+No loss is computed here (see mflag/losses.py). The ConVIRT baseline is this model with a tower and
+another loss.
 """
 
 from __future__ import annotations
@@ -125,14 +128,17 @@ def trunk_stages(trunk: nn.Module, k: int) -> list[nn.Module]:
 
 class MFLAG(nn.Module):
     """The trunk and both projectors. `frozen_stages` k > 0 keeps the stem and layer1..layerk at their
-    init (no gradient, batch norm in eval mode, also under `train()`); 0, the reference, trains all."""
+    init (no gradient, batch norm in eval mode, also under `train()`); 0, the reference, trains all.
+    `text_tower` (mflag.text.TextTower): the text input is token states, run through it before proj_txt;
+    None: the text input is the cached embedding, and the state dict holds no text weights."""
 
     def __init__(self, trunk: nn.Module, text_dim: int, proj_hidden: int, proj_dim: int, feature_dim: int = FEATURE_DIM,
-                 frozen_stages: int = 0):  # fmt: skip
+                 frozen_stages: int = 0, text_tower: nn.Module | None = None):  # fmt: skip
         super().__init__()
         self.encoder = trunk
         self.proj_img = Projector(feature_dim, proj_hidden, proj_dim)
         self.proj_txt = Projector(text_dim, proj_hidden, proj_dim)
+        self.text_tower = text_tower
         self._frozen = trunk_stages(trunk, frozen_stages)
         for m in self._frozen:
             m.requires_grad_(False)
@@ -148,12 +154,13 @@ class MFLAG(nn.Module):
         h = self.encoder(images).flatten(1)  # (B, 2048)
         return h, self.proj_img(h)
 
-    def encode_text(self, text_emb: torch.Tensor) -> torch.Tensor:
-        return self.proj_txt(text_emb)
+    def encode_text(self, text) -> torch.Tensor:
+        """`text`: cached embeddings (B, D_lm), or the tower's TokenStates where there is a tower."""
+        return self.proj_txt(text if self.text_tower is None else self.text_tower(text))
 
-    def forward(self, images: torch.Tensor, text_emb: torch.Tensor) -> MFLAGOutput:
+    def forward(self, images: torch.Tensor, text) -> MFLAGOutput:
         h_img, z_img = self.encode_image(images)
-        return MFLAGOutput(h_img=h_img, z_img=z_img, z_txt=self.encode_text(text_emb))
+        return MFLAGOutput(h_img=h_img, z_img=z_img, z_txt=self.encode_text(text))
 
 
 def count_parameters(module: nn.Module) -> int:

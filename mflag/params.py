@@ -207,6 +207,7 @@ class ConvirtParams:
 
     temperature: PosFloat  # InfoNCE temperature (ConVIRT: 0.1)
     text_free_layers: PosInt  # top layers of the language model that train (ConVIRT: 6 of BERT-base's 12)
+    lr: PosFloat  # the baseline's own learning rate (ConVIRT: 1e-4); the rest of the optimiser is `pretrain`'s
 
 
 # ------------------------------------------------------------------------------------- encoders
@@ -454,6 +455,9 @@ class Params:
 
     def validate(self, prefix: str) -> None:
         _check_encoders(self.encoders, "encoders")
+        if self.pretrain.eta_min > self.convirt.lr:
+            raise _error(f"`pretrain.eta_min` ({self.pretrain.eta_min}) must be at most `convirt.lr` "
+                         f"({self.convirt.lr}): it is the floor of the baseline's schedule too")
 
 
 def load(path: str | Path = "params.yaml") -> Params:

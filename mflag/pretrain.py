@@ -1,10 +1,13 @@
-"""The M-FLAG pretraining loop: alignment + orthogonality, AMP, DDP, exact resume.
+"""The pretraining loop: AMP, DDP, exact resume, for two objectives (`TrainConfig.objective`):
+M-FLAG's alignment + orthogonality, and the ConVIRT baseline's symmetric InfoNCE.
 
-Data: the mimic uint8 cache (N, S, S) and the cached frozen-LM report embeddings (N, D), row-aligned.
-Every epoch draws one permutation from (seed, epoch), shared by all ranks; a global batch of
-world x batch_size rows is cut into per-rank slices (drop_last, as the reference). Augmentation runs
-on whole batches on the training device, drawing from (seed, rank, epoch). Batch norm and the
-orthogonality term are per rank, as in the reference (DDP averages the gradients).
+Data: the mimic uint8 cache (N, S, S) and, row-aligned, either the cached frozen-LM report embeddings
+(N, D) or, where the LM's top layers train, each report's cached lower-layer token states
+(with_report_states; the model's text tower runs the top layers). Every epoch draws one permutation from
+(seed, epoch), shared by all ranks; a global batch of world x batch_size rows is cut into per-rank slices
+(drop_last, as the reference). Augmentation runs on whole batches on the training device, drawing from
+(seed, rank, epoch); so does the text tower's dropout. Batch norm, the orthogonality term and InfoNCE's
+negatives are per rank, as in the reference (DDP averages the gradients).
 
 A resume checkpoint is written atomically after every epoch; a re-run finds it and continues from
 the last finished epoch, reaching the same weights as an uninterrupted run (bit for bit on CPU). It holds
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -40,8 +44,9 @@ import torch.nn as nn
 from mflag.augment import AugmentSpec, augment_batch, center_crop_normalize
 from mflag.distributed import DistEnv, mean_across
 from mflag.io import atomic_write, rounded, write_json
-from mflag.losses import alignment_loss, orthogonality_loss
+from mflag.losses import alignment_loss, info_nce_loss, orthogonality_loss
 from mflag.models import MFLAG
+from mflag.text import FrozenTextEncoder, TokenStates, lower_layer_states
 
 
 @dataclass(frozen=True)
@@ -57,48 +62,98 @@ class TrainConfig:
     channels_last: bool
     workers: int  # background threads that gather batches ahead of the step
     augment: AugmentSpec
-    ortho_weight: float
-    ortho_offdiag_weight: float
-    ortho_on: str  # backbone | projection
     seed: int
     log_every: int
+    objective: str = "mflag"  # mflag | convirt
+    # mflag: align + ortho_weight x orthogonality
+    ortho_weight: float | None = None
+    ortho_offdiag_weight: float | None = None
+    ortho_on: str | None = None  # backbone | projection
+    # convirt: symmetric InfoNCE
+    temperature: float | None = None
+
+    def __post_init__(self) -> None:
+        needs = OBJECTIVE_PARAMS.get(self.objective)
+        if needs is None:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVE_PARAMS)}, got {self.objective!r}")
+        missing = [k for k in needs if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"objective {self.objective} needs {', '.join(missing)}")
+
+
+OBJECTIVE_PARAMS = {"mflag": ("ortho_weight", "ortho_offdiag_weight", "ortho_on"), "convirt": ("temperature",)}
+LOSS_TERMS = {"mflag": ("align", "ortho", "total"), "convirt": ("infonce", "total")}  # "total" is what trains
 
 
 class NonFiniteLoss(RuntimeError):
     """A loss term became NaN or infinite; the message names the epoch, the step and every term."""
 
 
-LOSS_TERMS = ("align", "ortho", "total")
-STEP_KEYS = ("step", "epoch", *LOSS_TERMS, "lr")  # a record of history["step"] and a row of losses.csv
-EPOCH_KEYS = ("epoch", *LOSS_TERMS, "lr")  # a record of history["epoch"]
+def step_keys(objective: str) -> tuple[str, ...]:
+    """The keys of a record of history["step"], and the columns of losses.csv."""
+    return ("step", "epoch", *LOSS_TERMS[objective], "lr")
+
+
+def epoch_keys(objective: str) -> tuple[str, ...]:
+    """The keys of a record of history["epoch"]."""
+    return ("epoch", *LOSS_TERMS[objective], "lr")
+
+
+@dataclass
+class ReportStates:
+    """The text tower's input of every row: the lower-layer token states of each distinct report, held once."""
+
+    states: list[torch.Tensor]  # per distinct report: (T_j, D) float32
+    report_of_row: np.ndarray  # (N,) index into `states`; -1 for a row the run does not use
+
+    def batch(self, rows: np.ndarray) -> TokenStates:
+        return TokenStates.pad([self.states[j] for j in self.report_of_row[rows]])
 
 
 @dataclass
 class PretrainData:
     images: np.ndarray  # (N, S, S) uint8, memory-mapped
-    text_emb: np.ndarray  # (N, D) float32
+    text_emb: np.ndarray | None  # (N, D) float32 cached LM embeddings; None where report_states is the text input
     train_idx: np.ndarray
     valid_idx: np.ndarray
     texts: list[str]  # report text per row (valid positives: identical text)
+    report_states: ReportStates | None = None
 
 
-def load_data(cache_dir: Path, embeddings: Path) -> PretrainData:
+def load_data(cache_dir: Path, embeddings: Path | None) -> PretrainData:
+    """The mimic cache and, unless `embeddings` is None (a text tower reads the reports instead:
+    with_report_states), the cached LM embeddings."""
     index = pd.read_csv(cache_dir / "index.csv", dtype=str, keep_default_na=False)
     images = np.load(cache_dir / "images.npy", mmap_mode="r")
-    emb = np.load(embeddings)
-    if len(index) != len(images) or len(emb) != len(images):
+    emb = None if embeddings is None else np.load(embeddings)
+    if len(index) != len(images) or (emb is not None and len(emb) != len(images)):
         raise ValueError(
-            f"{cache_dir}: index.csv ({len(index)} rows), images.npy ({len(images)}) and {embeddings} "
-            f"({len(emb)}) must be row-aligned; re-run embed_text"
+            f"{cache_dir}: index.csv ({len(index)} rows), images.npy ({len(images)})"
+            + ("" if emb is None else f" and {embeddings} ({len(emb)})")
+            + " must be row-aligned; re-run preprocess" + ("" if emb is None else " and embed_text")
         )
     split = index["split"].to_numpy()
     return PretrainData(
         images=images,
-        text_emb=emb.astype(np.float32, copy=False),
+        text_emb=None if emb is None else emb.astype(np.float32, copy=False),
         train_idx=np.flatnonzero(split == "train"),
         valid_idx=np.flatnonzero(split == "valid"),
         texts=index["text"].tolist(),
     )
+
+
+def with_report_states(
+    data: PretrainData, enc: FrozenTextEncoder, free_layers: int, max_length: int, batch_size: int, device
+) -> PretrainData:
+    """`data` with the lower-layer token states (all but the top `free_layers` layers of `enc`) of the
+    distinct reports of the train and valid rows, computed once: frozen layers give a report the same
+    states at every step."""
+    report_of_row = np.full(len(data.texts), -1, dtype=np.int64)
+    distinct: dict[str, int] = {}
+    for i in np.concatenate([data.train_idx, data.valid_idx]):
+        report_of_row[i] = distinct.setdefault(data.texts[i], len(distinct))
+    states = lower_layer_states(enc, list(distinct), free_layers, max_length, batch_size, device=str(device))
+    return dataclasses.replace(data, report_states=ReportStates(states, report_of_row))
 
 
 def _seed(*parts) -> int:
@@ -121,12 +176,19 @@ def epoch_batches(data: PretrainData, cfg: TrainConfig, epoch: int, env: DistEnv
     return out
 
 
-def _gather(data: PretrainData, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(np.ascontiguousarray(data.images[rows])), torch.from_numpy(data.text_emb[rows])
+def text_inputs(data: PretrainData, rows: np.ndarray):
+    """The model's text input for `rows`: cached embeddings (B, D), or the text tower's TokenStates."""
+    if data.report_states is not None:
+        return data.report_states.batch(rows)
+    return torch.from_numpy(data.text_emb[rows])
+
+
+def _gather(data: PretrainData, rows: np.ndarray) -> tuple:
+    return torch.from_numpy(np.ascontiguousarray(data.images[rows])), text_inputs(data, rows)
 
 
 def batch_stream(data: PretrainData, batches: list[np.ndarray], workers: int, pin: bool) -> Iterator:
-    """(uint8 images, text embeddings) per step; `workers` threads read ahead from the memory map."""
+    """(uint8 images, text inputs) per step; `workers` threads read ahead from the memory map."""
     if workers <= 0:
         for rows in batches:
             yield _gather(data, rows)
@@ -158,19 +220,22 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-def compute_losses(model: nn.Module, images: torch.Tensor, text_emb: torch.Tensor, cfg: TrainConfig) -> dict:
-    """Forward one (per-rank) batch and return the named loss terms and their weighted sum."""
-    out = model(images, text_emb)
+def compute_losses(model: nn.Module, images: torch.Tensor, text, cfg: TrainConfig) -> dict:
+    """Forward one (per-rank) batch and return the objective's named loss terms and their weighted sum."""
+    out = model(images, text)
+    if cfg.objective == "convirt":
+        l_nce = info_nce_loss(out.z_img, out.z_txt, cfg.temperature)
+        return {"infonce": l_nce, "total": l_nce}
     l_align = alignment_loss(out.z_img, out.z_txt)
     feats = out.h_img if cfg.ortho_on == "backbone" else out.z_img
     l_ortho = orthogonality_loss(feats, cfg.ortho_offdiag_weight)
     return {"align": l_align, "ortho": l_ortho, "total": l_align + cfg.ortho_weight * l_ortho}
 
 
-def train_step(model, opt, scaler, images: torch.Tensor, text_emb: torch.Tensor, cfg: TrainConfig, dtype) -> dict:
+def train_step(model, opt, scaler, images: torch.Tensor, text, cfg: TrainConfig, dtype) -> dict:
     """One optimiser step on one (per-rank) batch, under autocast when `dtype` is set."""
     with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        losses = compute_losses(model, images, text_emb, cfg)
+        losses = compute_losses(model, images, text, cfg)
     opt.zero_grad(set_to_none=True)
     scaler.scale(losses["total"]).backward()
     scaler.step(opt)
@@ -210,11 +275,11 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _check_history(history, epoch: int) -> None:
+def _check_history(history, epoch: int, objective: str) -> None:
     """The layout :func:`train` writes: `epoch` epoch records and their step records, numbers only."""
     if not isinstance(history, dict) or set(history) != {"step", "epoch"}:
         raise ValueError("its history is not {step: [...], epoch: [...]}")
-    for name, keys in (("step", STEP_KEYS), ("epoch", EPOCH_KEYS)):
+    for name, keys in (("step", step_keys(objective)), ("epoch", epoch_keys(objective))):
         recs = history[name]
         if not isinstance(recs, list) or not all(
             isinstance(r, dict) and set(r) == set(keys) and all(_is_number(v) for v in r.values()) for r in recs
@@ -266,7 +331,7 @@ def _resume(path: Path, fingerprint: str, model, opt, sched, scaler, cfg: TrainC
         if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= cfg.epochs:
             raise ValueError(f"its epoch {epoch!r} is not 1 to {cfg.epochs}")
         history = json.loads(ckpt["history"])
-        _check_history(history, epoch)
+        _check_history(history, epoch, cfg.objective)
         _check_model_state(ckpt["model"], model)
         for name, obj in (("scheduler", sched), ("scaler", scaler)):
             if not isinstance(ckpt[name], dict) or set(ckpt[name]) != set(obj.state_dict()):
@@ -286,9 +351,18 @@ def _resume(path: Path, fingerprint: str, model, opt, sched, scaler, cfg: TrainC
     return history, epoch
 
 
-def _raise_non_finite(vals: torch.Tensor, epoch: int, step: int) -> None:
-    terms = " ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_TERMS, vals.tolist()))
-    raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {step}: {terms}")
+def _raise_non_finite(vals: torch.Tensor, terms: tuple[str, ...], epoch: int, step: int) -> None:
+    shown = " ".join(f"{k}={v:.4g}" for k, v in zip(terms, vals.tolist()))
+    raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {step}: {shown}")
+
+
+def _seed_device_rng(device: torch.device, seed: int) -> None:
+    """Seed the global generator that kernels on `device` draw from (only that one)."""
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        torch.cuda.default_generators[index].manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 def train(
@@ -301,8 +375,10 @@ def train(
     log: Callable[[dict], None] | None = None,
     progress: bool = True,
     stop_after_epoch: int | None = None,
+    throughput: dict | None = None,
 ) -> dict:
-    """Train `model` in place; returns the history. `stop_after_epoch` simulates a kill (tests)."""
+    """Train `model` in place; returns the history. `stop_after_epoch` simulates a kill (tests).
+    `throughput`, where given, receives the images and seconds of the epochs this call ran (all ranks)."""
     device = env.device
     model.to(device)
     if cfg.channels_last:  # also on CPU: oneDNN's fast convolution kernels want NHWC
@@ -316,6 +392,7 @@ def train(
     opt, sched = make_optimizer(model, cfg, cfg.epochs * n_steps)
     dtype = autocast_dtype(cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    terms = LOSS_TERMS[cfg.objective]
     history: dict = {"step": [], "epoch": []}
     start_epoch = 0
     if env.is_main:
@@ -332,10 +409,11 @@ def train(
     if env.distributed:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     step = start_epoch * n_steps
+    total_seconds, total_images = 0.0, 0
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         aug_gen = torch.Generator().manual_seed(_seed(cfg.seed, "augment", env.rank, epoch))
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(len(terms), dtype=torch.float64)
         t0, seen = time.perf_counter(), 0
         batches = epoch_batches(data, cfg, epoch, env)
         stream = batch_stream(data, batches, cfg.workers, pin=device.type == "cuda")
@@ -344,48 +422,51 @@ def train(
             from tqdm import tqdm
 
             bar = tqdm(total=n_steps, desc=f"pretrain epoch {epoch + 1}/{cfg.epochs}", leave=False)
-        for img_u8, txt in stream:
-            img_u8, txt = img_u8.to(device, non_blocking=True), txt.to(device, non_blocking=True)
-            images = augment_batch(img_u8, cfg.augment, aug_gen)
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            losses = train_step(ddp, opt, scaler, images, txt, cfg, dtype)
-            lr = opt.param_groups[0]["lr"]
-            sched.step()
-            step += 1
-            seen += len(img_u8)
-            vals = torch.stack([losses[k].detach().double().cpu() for k in LOSS_TERMS])
-            sums += vals
-            # every step, on every rank alike (a rank's NaN reaches all ranks' means): a non-finite loss
-            # stops the run before anything is logged or saved from it
-            vals = mean_across(vals, env)
-            if not torch.isfinite(vals).all():
-                stream.close()
+        # dropout (the text tower's) draws from the global generator: seeded per (rank, epoch), so that a
+        # resumed run draws what an uninterrupted one did; restored afterwards
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            _seed_device_rng(device, _seed(cfg.seed, "dropout", env.rank, epoch))
+            for img_u8, txt in stream:
+                img_u8, txt = img_u8.to(device, non_blocking=True), txt.to(device, non_blocking=True)
+                images = augment_batch(img_u8, cfg.augment, aug_gen)
+                if cfg.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                losses = train_step(ddp, opt, scaler, images, txt, cfg, dtype)
+                lr = opt.param_groups[0]["lr"]
+                sched.step()
+                step += 1
+                seen += len(img_u8)
+                vals = torch.stack([losses[k].detach().double().cpu() for k in terms])
+                sums += vals
+                # every step, on every rank alike (a rank's NaN reaches all ranks' means): a non-finite loss
+                # stops the run before anything is logged or saved from it
+                vals = mean_across(vals, env)
+                if not torch.isfinite(vals).all():
+                    stream.close()
+                    if bar is not None:
+                        bar.close()
+                    _raise_non_finite(vals, terms, epoch + 1, step)
+                if step % cfg.log_every == 0 or step == (epoch + 1) * n_steps:
+                    rec = {"step": step, "epoch": epoch + 1, **dict(zip(terms, vals.tolist())), "lr": lr}
+                    history["step"].append(rec)
+                    if log and env.is_main:
+                        log(rec)
                 if bar is not None:
-                    bar.close()
-                _raise_non_finite(vals, epoch + 1, step)
-            if step % cfg.log_every == 0 or step == (epoch + 1) * n_steps:
-                rec = {"step": step, "epoch": epoch + 1, "align": vals[0].item(), "ortho": vals[1].item(),
-                       "total": vals[2].item(), "lr": lr}  # fmt: skip
-                history["step"].append(rec)
-                if log and env.is_main:
-                    log(rec)
-            if bar is not None:
-                bar.update()
-                bar.set_postfix(loss=f"{vals[2].item():.3f}")
+                    bar.update()
+                    bar.set_postfix(loss=f"{vals[-1].item():.3f}")
         if bar is not None:
             bar.close()
         means = mean_across(sums / n_steps, env)
         seconds = time.perf_counter() - t0
-        rec = {"epoch": epoch + 1, "align": means[0].item(), "ortho": means[1].item(), "total": means[2].item(),
-               "lr": opt.param_groups[0]["lr"]}  # fmt: skip
-        # throughput is printed, never stored: a timing in the checkpoint would make its bytes (and
-        # dvc.lock) differ between identical runs
+        total_seconds, total_images = total_seconds + seconds, total_images + seen * env.world_size
+        rec = {"epoch": epoch + 1, **dict(zip(terms, means.tolist())), "lr": opt.param_groups[0]["lr"]}
+        # throughput is printed (and handed to `throughput`), never stored: a timing in the checkpoint would
+        # make its bytes (and dvc.lock) differ between identical runs
         history["epoch"].append(rec)
         if env.is_main:
+            shown = " ".join(f"{k} {rec[k]:.4f}" for k in ("total", *terms[:-1]))
             print(
-                f"pretrain epoch {epoch + 1}/{cfg.epochs}: total {rec['total']:.4f} align {rec['align']:.4f} "
-                f"ortho {rec['ortho']:.4f} lr {rec['lr']:.3g} "
+                f"pretrain epoch {epoch + 1}/{cfg.epochs}: {shown} lr {rec['lr']:.3g} "
                 f"({seconds:.1f} s, {seen * env.world_size / seconds:.1f} img/s)",
                 flush=True,
             )
@@ -401,6 +482,8 @@ def train(
             torch.distributed.barrier()  # no rank runs ahead of the checkpoint
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
+    if throughput is not None:
+        throughput.update(images=total_images, seconds=total_seconds)
     return history
 
 
@@ -418,9 +501,14 @@ def embed_images(model: MFLAG, images: np.ndarray, rows: np.ndarray, crop: int, 
 
 
 @torch.no_grad()
-def embed_texts(model: MFLAG, text_emb: np.ndarray, rows: np.ndarray, device) -> np.ndarray:
+def embed_texts(model: MFLAG, data: PretrainData, rows: np.ndarray, batch_size: int, device) -> np.ndarray:
+    """z_txt for `rows`, eval mode. Cached embeddings go in one batch (as they always did: the reports'
+    bytes stay); token states `batch_size` rows at a time (each batch padded to its longest report)."""
     model.eval()
-    return model.encode_text(torch.from_numpy(text_emb[rows]).to(device)).float().cpu().numpy()
+    step = batch_size if data.report_states is not None else max(1, len(rows))
+    zs = [model.encode_text(text_inputs(data, rows[lo : lo + step]).to(device)).float().cpu()
+          for lo in range(0, len(rows), step)]  # fmt: skip
+    return torch.cat(zs).numpy()
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -441,7 +529,7 @@ def evaluate(model: MFLAG, data: PretrainData, crop: int, batch_size: int, devic
 
     rows = data.valid_idx
     h, z_img = embed_images(model, data.images, rows, crop, batch_size, device)
-    z_txt = embed_texts(model, data.text_emb, rows, device)
+    z_txt = embed_texts(model, data, rows, batch_size, device)
     texts = np.array([data.texts[i] for i in rows], dtype=object)
     positives = texts[:, None] == texts[None, :]
     sim = cosine_similarity(z_img, z_txt)
@@ -491,8 +579,9 @@ def _csv(rows: list[dict]) -> str:
 
 def write_reports(folder: Path, report: dict, history: dict, spectrum: np.ndarray) -> None:
     """`folder`/metrics.json, losses.csv and spectrum.csv, every float rounded by mflag.io.rounded, so
-    that last-bit differences (another BLAS path, another summation order) leave their bytes alone."""
+    that last-bit differences (another BLAS path, another summation order) leave their bytes alone.
+    losses.csv has the step records' columns (step_keys of the run's objective)."""
     write_json(folder / "metrics.json", rounded(report))
-    atomic_write(folder / "losses.csv", _csv([rounded({k: r[k] for k in STEP_KEYS}) for r in history["step"]]))
+    atomic_write(folder / "losses.csv", _csv([rounded(r) for r in history["step"]]))
     rows = [{"index": i, "singular_value": rounded(float(s))} for i, s in enumerate(spectrum)]
     atomic_write(folder / "spectrum.csv", _csv(rows))

@@ -34,10 +34,16 @@ than a fresh dropout sample per step. This is a deliberate deviation, documented
 Embedding is independent of batch composition: texts are tokenised once (with truncation), sorted by
 token length, batched with dynamic padding (to the longest text of the batch; the attention mask makes
 the pooled output identical to unpadded encoding), and put back in input order at the end.
+
+Top layers that train (``convirt.text_free_layers``, ``mflag.text_free_layers`` > 0): the embeddings and
+the lower layers stay frozen, so their output is computed once too (``lower_layer_states``) and held in
+memory; ``TextTower`` runs (trainable copies of) the LM's own top layers on it, in train mode, and pools
+as above.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import importlib.util
 import os
@@ -301,6 +307,21 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, left_padded: b
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
+def _checked_texts(enc: FrozenTextEncoder, texts, max_length: int, batch_size: int) -> list[str]:
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if int(max_length) < 2:
+        raise ValueError(f"max_length must be >= 2 (room for the special tokens), got {max_length}")
+    limit = getattr(enc.model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0 and max_length > limit:
+        raise ValueError(f"max_length {max_length} exceeds the language model's {limit} positions")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] is {type(t).__name__}, not str: {t!r}")
+    return texts
+
+
 @torch.no_grad()
 def embed_texts(
     enc: FrozenTextEncoder,
@@ -314,17 +335,7 @@ def embed_texts(
     """Embed ``texts`` with the frozen LM: a float32 array of shape (len(texts), enc.dim), in input order."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if int(max_length) < 2:
-        raise ValueError(f"max_length must be >= 2 (room for the special tokens), got {max_length}")
-    limit = getattr(enc.model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and limit > 0 and max_length > limit:
-        raise ValueError(f"max_length {max_length} exceeds the language model's {limit} positions")
-    texts = list(texts)
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] is {type(t).__name__}, not str: {t!r}")
+    texts = _checked_texts(enc, texts, max_length, batch_size)
     n = len(texts)
     out = np.zeros((n, enc.dim), dtype=np.float32)
     if n == 0:
@@ -358,3 +369,116 @@ def embed_texts(
         if bar is not None:
             bar.close()
     return out
+
+
+# ------------------------------------------------------------------------ trainable top layers
+# ConVIRT (and M-FLAG's `free_layers` ablation) train the LM's top k layers. The embeddings and the lower
+# L - k layers stay frozen, so their output for a report never changes: lower_layer_states computes it
+# once, and TextTower runs only the top k layers (the LM's own modules) on it at every step.
+@dataclass
+class TokenStates:
+    """A right-padded batch of hidden states (B, T, D) and its 0/1 attention mask (B, T). It moves and pins
+    like a tensor, so the training loop carries it where it carries cached embeddings."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def pad(cls, states: list[torch.Tensor]) -> "TokenStates":
+        """Per-text states (T_i, D), right-padded with zeros to the longest."""
+        hidden = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
+        lengths = torch.tensor([len(s) for s in states])
+        return cls(hidden, (torch.arange(hidden.shape[1])[None] < lengths[:, None]).long())
+
+    def to(self, device, non_blocking: bool = False) -> "TokenStates":
+        hidden, mask = (t.to(device, non_blocking=non_blocking) for t in (self.hidden, self.mask))
+        return TokenStates(hidden, mask)
+
+    def pin_memory(self) -> "TokenStates":
+        return TokenStates(self.hidden.pin_memory(), self.mask.pin_memory())
+
+
+def lm_layers(enc: FrozenTextEncoder) -> torch.nn.ModuleList:
+    """The transformer layers of a BERT-style LM (``model.encoder.layer``, after ``model.embeddings``)."""
+    layers = getattr(getattr(enc.model, "encoder", None), "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not hasattr(enc.model, "embeddings"):
+        raise TextModelError(
+            f"language model {type(enc.model).__name__}: training its top layers needs a BERT-style encoder "
+            "(model.embeddings, model.encoder.layer)"
+        )
+    return layers
+
+
+def _run_layers(config, layers, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden (B, T, D) through `layers`, with the attention mask transformers builds for the model's
+    attention implementation (the one its own forward builds from the 0/1 mask)."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    attention = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask)
+    for layer in layers:
+        hidden = layer(hidden, attention)
+    return hidden
+
+
+@torch.no_grad()
+def lower_layer_states(
+    enc: FrozenTextEncoder, texts: list[str], free_layers: int, max_length: int, batch_size: int, device: str = "cpu"
+) -> list[torch.Tensor]:
+    """Each text's hidden states after the embeddings and the lower L - `free_layers` layers, frozen and in
+    eval mode: float32 (T_i, D) on the CPU, unpadded (T_i its tokens after truncation to `max_length`).
+    Batched longest first with dynamic padding, as embed_texts."""
+    texts = _checked_texts(enc, texts, max_length, batch_size)
+    model, tok = enc.model, enc.tokenizer
+    model.eval()
+    layers = lm_layers(enc)
+    lower = layers[: len(layers) - free_layers]
+    features = _tokenize(tok, texts, int(max_length))
+    order = sorted(range(len(texts)), key=lambda i: -len(features[i]["input_ids"]))
+    left = getattr(tok, "padding_side", "right") == "left"
+    out: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+    for start in range(0, len(texts), int(batch_size)):
+        idx = order[start : start + int(batch_size)]
+        batch = _pad_batch([features[i] for i in idx], tok, device)
+        hidden = model.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
+        hidden = _run_layers(model.config, lower, hidden, batch["attention_mask"]).float().cpu()
+        for row, i in enumerate(idx):
+            n = len(features[i]["input_ids"])
+            out[i] = (hidden[row, -n:] if left else hidden[row, :n]).clone()  # a copy: not a view of the batch
+    return out
+
+
+LENGTH_GROUPS = 4  # TextTower: groups of rows by length per batch (few: large matmuls, few launches on a GPU)
+
+
+class TextTower(torch.nn.Module):
+    """Copies of the LM's top `free_layers` layers (its own modules, trainable) and the pooling: TokenStates
+    after the lower layers -> (B, D). The LM stays frozen as loaded, so another tower (a test's, a rerun's)
+    starts from the pretrained weights. `key` names the param in the error for too many layers."""
+
+    def __init__(self, enc: FrozenTextEncoder, free_layers: int, pooling: str, key: str):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+        layers = lm_layers(enc)
+        if free_layers < 1:
+            raise ValueError(f"{key} must be at least 1 for a text tower, got {free_layers}")
+        if free_layers > len(layers):
+            raise TextModelError(f"{key} is {free_layers}, but the language model has {len(layers)} layers")
+        self.layers = copy.deepcopy(layers[len(layers) - free_layers :])
+        self.layers.requires_grad_(True)
+        self.pooling = pooling
+        self.config = enc.model.config  # for the attention mask
+
+    def forward(self, states: TokenStates) -> torch.Tensor:
+        # Rows of similar length run together, each group cut to its own longest: a random batch padded to its
+        # longest report holds 2.2x its real tokens (the demo's reports, batch 64; 1.3x in 4 groups), and
+        # every row's output is its own (attention within the row, per-token norms, pooling per row).
+        lengths = states.mask.sum(dim=1)
+        order = torch.argsort(lengths, stable=True)
+        pooled = []
+        for rows in torch.tensor_split(order, min(LENGTH_GROUPS, len(order))):
+            n = int(lengths[rows].max())
+            mask = states.mask[rows, :n]
+            hidden = _run_layers(self.config, self.layers, states.hidden[rows, :n], mask)
+            pooled.append(_pool(hidden, mask, self.pooling, left_padded=False))
+        return torch.cat(pooled)[torch.argsort(order)]  # (B, D), back in the batch's order

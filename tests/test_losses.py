@@ -1,4 +1,4 @@
-"""The two loss terms against their closed forms and their analytic gradients."""
+"""The loss terms against their closed forms and their gradients: M-FLAG's two, and ConVIRT's InfoNCE."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mflag.losses import alignment_loss, off_diagonal, orthogonality_loss
+from mflag.losses import alignment_loss, info_nce_loss, off_diagonal, orthogonality_loss
 
 
 def test_alignment_closed_form():
@@ -66,3 +66,58 @@ def test_orthogonality_gradient_matches_the_analytic_one():
 def test_off_diagonal():
     c = torch.arange(9.0).view(3, 3)
     assert off_diagonal(c).tolist() == [1.0, 2.0, 3.0, 5.0, 6.0, 7.0]
+
+
+def _info_nce_reference(a: np.ndarray, b: np.ndarray, t: float) -> float:
+    """Row by row: -log softmax of the matching pair, image->text over a row of cosines / t, text->image over
+    a column; the two means averaged."""
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    sim = a @ b.T / t
+
+    def nll(row: np.ndarray, i: int) -> float:
+        m = row.max()
+        return m + np.log(np.exp(row - m).sum()) - row[i]
+
+    n = len(a)
+    i2t = np.mean([nll(sim[i], i) for i in range(n)])
+    t2i = np.mean([nll(sim[:, j], j) for j in range(n)])
+    return (i2t + t2i) / 2
+
+
+@pytest.mark.parametrize("t", [0.1, 1.0])
+def test_info_nce_against_the_per_row_softmax(t):
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    b = a + 0.8 * torch.randn(12, 6, generator=g, dtype=torch.float64)  # pairs closer than non-pairs
+    expected = _info_nce_reference(a.numpy(), b.numpy(), t)
+    assert info_nce_loss(a, b, t).item() == pytest.approx(expected, rel=1e-10)
+    # not symmetric in its arguments' roles row by row, but the two directions together are
+    assert info_nce_loss(b, a, t).item() == pytest.approx(expected, rel=1e-10)
+    assert info_nce_loss(3.0 * a, 0.5 * b, t).item() == pytest.approx(expected, rel=1e-10)  # cosines only
+
+
+def test_info_nce_limits():
+    eye = torch.eye(8, dtype=torch.float64)  # orthogonal pairs: cos 1 on the diagonal, 0 elsewhere
+    # each row: -log(e^(1/t) / (e^(1/t) + 7)) both ways
+    for t in (0.05, 1.0):
+        assert info_nce_loss(eye, eye, t).item() == pytest.approx(np.log1p(7 * np.exp(-1 / t)), rel=1e-10)
+    same = torch.ones(8, 4, dtype=torch.float64)  # every pair alike: chance, log B
+    assert info_nce_loss(same, same, 0.1).item() == pytest.approx(np.log(8), rel=1e-10)
+
+
+def test_info_nce_gradient():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, y: info_nce_loss(x, y, 0.1), (a, b))
+
+
+def test_info_nce_computes_in_fp32_under_autocast():
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = info_nce_loss(a.bfloat16(), b.bfloat16(), 0.1)
+    assert low.dtype == torch.float32
+    # only the inputs' bf16 rounding shows, not a bf16 softmax over logits up to +-10
+    assert low.item() == pytest.approx(info_nce_loss(a.bfloat16().float(), b.bfloat16().float(), 0.1).item(), rel=1e-6)

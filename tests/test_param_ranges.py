@@ -139,6 +139,7 @@ BAD = {
     "synthetic valid + test patients": ({"synthetic.mimic.valid_patients": 0.6, "synthetic.mimic.test_patients": 0.4},
                                         "synthetic.mimic.test_patients", "[0, 1)"),
     "eta_min above lr": ({"pretrain.lr": 1e-3, "pretrain.eta_min": 1e-2}, "pretrain.eta_min", "[0, 0.001]"),
+    "eta_min above the baseline's lr": ({"pretrain.eta_min": 5e-4}, "pretrain.eta_min", "convirt.lr"),
     "rotation high below low": ({"pretrain.rotation": [15, 0]}, "pretrain.rotation", "low <= high"),
     "class_mix all zero": ({"synthetic.covidx.class_mix": {"normal": 0, "pneumonia": 0, "COVID-19": 0}},
                            "synthetic.covidx.class_mix", "> 0"),
@@ -217,7 +218,8 @@ def test_every_numeric_param_refuses_nan(tmp_path):
         {"data.max_skip_fraction": 1.0},
         {"pretrain.workers": 0},  # batches gathered in the training loop
         {"pretrain.seed": None},
-        {"pretrain.frozen_stages": 4, "pretrain.restart_fraction": 1.0, "pretrain.eta_min": 1e-3, "pretrain.lr": 1e-3},
+        {"pretrain.frozen_stages": 4, "pretrain.restart_fraction": 1.0, "pretrain.eta_min": 1e-3, "pretrain.lr": 1e-3,
+         "convirt.lr": 1e-3},
         {"pretrain.rotation": [-10, -10]},
         {"finetune.seg.input_size": 32, "finetune.det.input_size": 32},
         {"finetune.det.nms_iou": 1.0, "finetune.det.conf_threshold": 0.0},

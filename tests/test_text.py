@@ -1,4 +1,5 @@
-"""The frozen language model: locating, loading, freezing, and embedding against an independent reference."""
+"""The frozen language model: locating, loading, freezing, and embedding against an independent reference;
+the text tower (cached lower layers -> trainable top layers) against the LM's own forward."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from mflag.text import DEFAULT_LM, TextModelError, embed_texts, load_frozen_lm, resolve_lm_path  # noqa: E402
+from mflag.text import (DEFAULT_LM, TextModelError, TextTower, TokenStates, embed_texts, load_frozen_lm,  # noqa: E402
+                        lower_layer_states, resolve_lm_path)
 
 TEXTS = [
     "No acute cardiopulmonary process.",
@@ -182,3 +184,44 @@ def test_remote_code_without_revision_is_refused_before_loading(monkeypatch):
         load_frozen_lm(DEFAULT_LM, trust_remote_code=True)
     assert "model.text.revision" in str(info.value)
     assert calls == []  # nothing was loaded, so no repository code ran
+
+
+# -------------------------------------------------------------------------------- text tower
+@pytest.mark.parametrize("free_layers", [1, 3, 6])
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_tower_over_cached_lower_layers_equals_the_full_forward(enc, pooling, free_layers):
+    """Lower layers once (batched, padded), the top layers in eval mode on a re-padded batch of them,
+    pooled: the LM's own last_hidden_state of each text alone, pooled."""
+    states = lower_layer_states(enc, TEXTS, free_layers, MAX_LENGTH, batch_size=3)
+    lengths = [len(enc.tokenizer(t, truncation=True, max_length=MAX_LENGTH)["input_ids"]) for t in TEXTS]
+    assert [tuple(s.shape) for s in states] == [(n, 384) for n in lengths]  # unpadded, in input order
+    tower = TextTower(enc, free_layers, pooling, key="convirt.text_free_layers").eval()
+    ref = np.stack([reference(enc, t, pooling) for t in TEXTS])
+    # another batch and padding than the cache's: each text three times, shuffled, so that the tower's
+    # length groups hold rows of several lengths
+    rows = np.random.default_rng(free_layers).permutation(np.arange(12) % len(TEXTS))
+    with torch.no_grad():
+        out = tower(TokenStates.pad([states[i] for i in rows])).numpy()
+    np.testing.assert_allclose(out, ref[rows], atol=2e-5, rtol=0)
+
+
+def test_tower_trains_copies_of_exactly_the_top_layers(enc):
+    tower = TextTower(enc, 2, "cls", key="mflag.text_free_layers")
+    top = [(n, p) for n, p in enc.model.named_parameters() if n.startswith(("encoder.layer.4.", "encoder.layer.5."))]
+    mine = list(tower.named_parameters())
+    # encoder.layer.4.<name> -> layers.0.<name>, encoder.layer.5.<name> -> layers.1.<name>
+    assert [n for n, _ in mine] == [f"layers.{int(n.split('.')[2]) - 4}.{n.split('.', 3)[3]}" for n, _ in top]
+    assert all(torch.equal(p, q) for (_, p), (_, q) in zip(mine, top))  # the pretrained weights
+    assert all(p.requires_grad for _, p in mine)
+    # a step of the tower in train mode (dropout on) reaches every one of its weights and none of the LM's
+    states = lower_layer_states(enc, TEXTS, 2, MAX_LENGTH, batch_size=4)
+    tower.train()(TokenStates.pad(states)).pow(2).mean().backward()
+    assert all(p.grad is not None for _, p in mine)
+    assert all(not p.requires_grad and p.grad is None for p in enc.model.parameters()) and not enc.model.training
+
+
+@pytest.mark.parametrize("key", ["convirt.text_free_layers", "mflag.text_free_layers"])
+def test_more_free_layers_than_the_model_has_is_refused_naming_the_key(enc, key):
+    with pytest.raises(TextModelError) as info:
+        TextTower(enc, 7, "cls", key=key)
+    assert str(info.value) == f"{key} is 7, but the language model has 6 layers"
