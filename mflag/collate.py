@@ -725,7 +725,7 @@ def claim_mflag_ahead(study: Study) -> str:
     others = [e for e in study.encoders if e != "mflag"]
     if "mflag" not in study.encoders or not others:
         return _claim(title, "not evaluable", ["The study lists no M-FLAG encoder and another to compare it with."])
-    ahead, behind, unclear, undefined = [], [], [], []
+    ahead, behind, unclear, tied, undefined = [], [], [], [], []
     for other in others:
         for job in JOBS:
             for pct in PCTS:
@@ -738,15 +738,20 @@ def claim_mflag_ahead(study: Study) -> str:
                     continue
                 line = (f"- {job} at {pct}% vs {study.encoders[other]}: {_diff_text(d, '-')} points "
                         f"(M-FLAG {_cell_value(study, a)}, {study.encoders[other]} {_cell_value(study, b)})")
-                (ahead if d.excludes_zero and d.diff > 0 else behind if d.excludes_zero else unclear).append(line)
-    compared = len(ahead) + len(behind) + len(unclear)
+                if d.excludes_zero:
+                    (ahead if d.diff > 0 else behind).append(line)
+                else:  # equal on every resample (both at 0, say) is no evidence either way, and said so
+                    (tied if d.diff == 0 and d.lo == d.hi == 0 else unclear).append(line)
+    compared = len(ahead) + len(behind) + len(unclear) + len(tied)
     if compared == 0:
         return _claim(title, "not evaluable", ["No (job, fraction) has M-FLAG and another encoder both evaluated."])
-    verdict = "supported" if not behind and not unclear and not undefined else "not supported"
+    verdict = "supported" if len(ahead) == compared and not undefined else "not supported"
     body = [f"Of {compared} comparisons (job x fraction x other encoder), M-FLAG is ahead in {len(ahead)}, behind in "
-            f"{len(behind)}, and within chance in {len(unclear)}: ahead or behind only where the paired "
-            f"{_level(study.level)} bootstrap interval of the difference (same test resamples) excludes 0."]  # fmt: skip
-    for name, lines in (("Ahead", ahead), ("Behind", behind), ("Within chance", unclear), ("Not evaluable", undefined)):
+            f"{len(behind)}, within chance in {len(unclear)}, and equal on every resample in {len(tied)}: ahead or "
+            f"behind only where the paired {_level(study.level)} bootstrap interval of the difference (same test "
+            "resamples) excludes 0."]  # fmt: skip
+    for name, lines in (("Ahead", ahead), ("Behind", behind), ("Within chance", unclear),
+                        ("Equal on every resample", tied), ("Not evaluable", undefined)):
         if lines:
             body += ["", f"{name}:", *lines]
     return _claim(title, verdict, body)

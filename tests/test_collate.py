@@ -279,6 +279,14 @@ def test_claim_b_counts_ahead_only_where_the_paired_interval_excludes_zero(tmp_p
     b = _claims(tmp_path)["(b)"]
     assert "**not supported**" in b and "ahead in 40" in b and "within chance in 2" in b
     assert "- det_rsna at 1% vs ConVIRT-style: +1.0" in b
+    # both at 0 on every resample (a detector that finds nothing): equal, not "within chance"
+    for enc in ENCODERS:
+        cells[("det_objcxr", 10, enc)] = 0.0
+        reps[("det_objcxr", 10, enc)] = np.zeros(B)
+    make_project(tmp_path, cells, reps)
+    collated(tmp_path)
+    b = _claims(tmp_path)["(b)"]
+    assert "equal on every resample in 2" in b and "- det_objcxr at 10% vs Random: +0.0 [+0.0, +0.0] points" in b
 
 
 def test_claim_c_needs_an_imagenet_encoder_and_uses_the_paired_interval(tmp_path):
