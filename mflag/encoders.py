@@ -93,7 +93,7 @@ def load_encoder(enc: Encoder) -> dict[str, torch.Tensor]:
     """The ResNet-50 trunk's state dict of `enc` (torchvision's keys without ``fc``), checked to fit exactly."""
     if not enc.path.is_file():
         raise EncoderError(f"encoder {enc.name}: weights file not found: {enc.path}; {WHERE[enc.kind]}")
-    state = _read(enc.path)
+    state = raw = _read(enc.path)
     if enc.kind in ("imagenet", "checkpoint"):
         state = {k[len(enc.key_prefix):]: v for k, v in state.items() if k.startswith(enc.key_prefix)}
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
@@ -105,7 +105,7 @@ def load_encoder(enc: Encoder) -> dict[str, torch.Tensor]:
     if missing or unexpected or wrong:
         hint = ""
         if enc.kind == "checkpoint":
-            found = _prefixes(list(_read(enc.path)))
+            found = _prefixes(list(raw))
             hint = (f"; ResNet trunks in that file sit under the key prefix(es) {', '.join(map(repr, found))}"
                     if found else "; no ResNet trunk (conv1 ... layer4) was found in that file")
         raise EncoderError(

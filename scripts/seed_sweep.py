@@ -17,7 +17,6 @@ the clone while it lives, `--keep` to leave it). Writes a Markdown table (defaul
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -25,16 +24,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mflag.jobs import JOBS, PCTS, cell_name  # noqa: E402
+from mflag.collate import CollateError, read_study  # noqa: E402
+from mflag.jobs import JOBS, PCTS  # noqa: E402
 from mflag.params import load_or_exit  # noqa: E402
-from mflag.stats import paired_difference  # noqa: E402
 
-ENCODERS = ("mflag", "random")
+ENCODERS = {"mflag": "M-FLAG", "random": "Random"}
 
 
 def _run(cwd: Path, *args: str) -> str:
@@ -49,13 +46,6 @@ def _targets() -> list[str]:
     return [f"finetune_cls@{j.dataset}-{e}" for j in JOBS.values() if j.task == "cls" for e in ENCODERS]
 
 
-def _cell(clone: Path, job: str, pct: int, enc: str) -> tuple[float | None, np.ndarray]:
-    folder = clone / "reports/finetune" / cell_name(job, pct, enc)
-    value = json.loads((folder / "metrics.json").read_text())[JOBS[job].metric]
-    lines = (folder / "bootstrap.csv").read_text().splitlines()[1:]
-    return value, np.array([float(v) if v else np.nan for v in lines])
-
-
 def sweep(clone: Path, seeds: list[int], precisions: list[str], level: float) -> list[dict]:
     rows = []
     for precision in precisions:
@@ -64,13 +54,15 @@ def sweep(clone: Path, seeds: list[int], precisions: list[str], level: float) ->
             _run(clone, sys.executable, "-m", "dvc", "exp", "run", "-n", f"sweep-{precision}-{seed}",
                  "-S", f"pretrain.seed={seed}", "-S", f"pretrain.precision={precision}",
                  "-S", f"finetune.precision={precision}", *_targets())  # fmt: skip
+            try:  # the cells as collate reads and pairs them
+                study = read_study(clone / "reports/finetune", ENCODERS, level)
+            except CollateError as err:
+                sys.exit(f"error: seed_sweep: {err}")
             for job in (j for j, spec in JOBS.items() if spec.task == "cls"):
                 for pct in PCTS:
-                    (ours, reps_a), (theirs, reps_b) = (_cell(clone, job, pct, e) for e in ENCODERS)
-                    lo, hi = paired_difference(reps_a, reps_b, level)
-                    rows.append({"precision": precision, "seed": seed, "job": job, "pct": pct, "mflag": ours,
-                                 "random": theirs, "diff": ours - theirs, "lo": lo, "hi": hi})  # fmt: skip
-                    print(f"  {job} {pct}%: {100 * (ours - theirs):+.1f} [{_pts(lo)}, {_pts(hi)}]", flush=True)
+                    d = study.diffs[(job, pct, "mflag", "random")]
+                    rows.append({"precision": precision, "seed": seed, "job": job, "pct": pct, "diff": d})
+                    print(f"  {job} {pct}%: {100 * d.diff:+.1f} [{_pts(d.lo)}, {_pts(d.hi)}]", flush=True)
     return rows
 
 
@@ -87,10 +79,9 @@ def table(rows: list[dict], level: float) -> str:
         mine = {(r["job"], r["pct"]): r for r in rows if (r["precision"], r["seed"]) == (precision, seed)}
         cells, ahead = [], 0
         for key in columns:
-            r = mine[key]
-            sure = r["lo"] is not None and (r["lo"] > 0 or r["hi"] < 0)
-            ahead += sure and r["diff"] > 0
-            cells.append(f"{100 * r['diff']:+.1f} [{_pts(r['lo'])}, {_pts(r['hi'])}]" + ("*" if sure else ""))
+            d = mine[key]["diff"]
+            ahead += d.excludes_zero and d.diff > 0
+            cells.append(f"{100 * d.diff:+.1f} [{_pts(d.lo)}, {_pts(d.hi)}]" + ("*" if d.excludes_zero else ""))
         lines.append(f"| {precision} | {seed} | " + " | ".join(cells) + f" | {ahead} of {len(columns)} |")
     return "\n".join(lines) + "\n\n" + (
         f"M-FLAG minus random init, percentage points on the test split, with the paired {100 * level:g}% "
