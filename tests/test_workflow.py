@@ -70,6 +70,17 @@ def repo(tmp_path_factory) -> Path:
     return wd
 
 
+def _experiment(repo: Path, setting: str, encoder: str, stage: str) -> set[str]:
+    """`dvc exp run -S <setting>`: it must re-run exactly `stage`, the `-<encoder>` fine-tune entries and
+    collate; returns the reports/metrics.json keys that `dvc metrics diff` shows moving."""
+    dvc = (sys.executable, "-m", "dvc")
+    ran = _ran(_run(repo, *dvc, "exp", "run", "-S", setting).stdout)
+    want = {stage, "collate"} | {s for s in FINETUNE if s.endswith(f"-{encoder}")}
+    assert ran == want, (sorted(ran - want), sorted(want - ran))
+    diff = json.loads(_run(repo, *dvc, "metrics", "diff", "--json").stdout or "{}")
+    return set(diff.get("reports/metrics.json", {}))
+
+
 def test_review_workflow(repo):
     dvc = (sys.executable, "-m", "dvc")
     first = _run(repo, *dvc, "repro")
@@ -82,13 +93,7 @@ def test_review_workflow(repo):
     _run(repo, "git", "add", "-A")
     _run(repo, "git", "commit", "-qm", "baseline results")
 
-    exp = _run(repo, *dvc, "exp", "run", "-S", "loss.ortho_weight=0.5")
-    ran = _ran(exp.stdout)
-    want = {"pretrain", "collate"} | {s for s in FINETUNE if s.endswith("-mflag")}
-    assert ran == want, (sorted(ran - want), sorted(want - ran))
-
-    diff = json.loads(_run(repo, *dvc, "metrics", "diff", "--json").stdout or "{}")
-    moved = set(diff.get("reports/metrics.json", {}))
+    moved = _experiment(repo, "loss.ortho_weight=0.5", "mflag", "pretrain")
     assert any(k.startswith("pretrain.") for k in moved), moved
     assert any(".mflag." in k for k in moved), moved
     # a random cell's own figures stay; its differences against M-FLAG move with M-FLAG
@@ -104,12 +109,7 @@ def test_review_workflow(repo):
     # a baseline-only param: only the baseline's branch and collation (from the committed baseline results)
     _run(repo, "git", "checkout", "-q", "--", ".")
     _run(repo, *dvc, "checkout", "-q")
-    base = _run(repo, *dvc, "exp", "run", "-S", "convirt.temperature=0.2")
-    ran = _ran(base.stdout)
-    want = {"pretrain_convirt", "collate"} | {s for s in FINETUNE if s.endswith("-convirt")}
-    assert ran == want, (sorted(ran - want), sorted(want - ran))
-    diff = json.loads(_run(repo, *dvc, "metrics", "diff", "--json").stdout or "{}")
-    moved = set(diff.get("reports/metrics.json", {}))
+    moved = _experiment(repo, "convirt.temperature=0.2", "convirt", "pretrain_convirt")
     assert any(k.startswith("pretrain_convirt.") for k in moved), moved
     assert not any(k.startswith("pretrain.") for k in moved), moved
     own = re.compile(r"[a-z_]+\.(mflag|random)\.pct\d+\.[a-z]+(_lo|_hi|_sd)?")
