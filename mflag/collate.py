@@ -93,6 +93,7 @@ class Study:
     level: float = 0.95
     intervals: dict[Key, tuple[float | None, float | None]] = field(default_factory=dict)
     diffs: dict[tuple[str, int, str, str], Diff] = field(default_factory=dict)  # (job, pct, a, b)
+    trivial: dict[tuple[str, int], float] = field(default_factory=dict)  # (job, pct) -> a constant predictor's score
 
     def __post_init__(self) -> None:
         for key, reps in self.replicates.items():
@@ -204,8 +205,13 @@ def read_study(finetune_dir: str | Path, encoders: dict[str, str], level: float)
     spreads: Spreads = {}
     reps: dict[Key, np.ndarray] = {}
     design: dict[str, tuple[Path, tuple]] = {}  # job -> (first cell's file, its test set and resamples)
+    trivial: dict[tuple[str, int], float] = {}
     for job, pct, enc, path, rec in _cell_records(finetune_dir, encoders):
         metric = JOBS[job].metric
+        if "trivial" in rec:  # the same test cases and train subset for every encoder: any cell's value
+            if not _number(rec["trivial"]):
+                raise CollateError(f"{path}: `trivial` must be a finite number, got {rec['trivial']!r}")
+            trivial.setdefault((job, pct), rounded(float(rec["trivial"])))
         reason = _reason(path, rec, metric)
         cells[(job, pct, enc)] = None if reason else rounded(float(rec[metric]))
         if reason:
@@ -223,7 +229,20 @@ def read_study(finetune_dir: str | Path, encoders: dict[str, str], level: float)
             raise CollateError(f"{path} and {first[0]}: scored on other test cases or resamples (test_set, bootstrap "
                                f"{mine} vs {first[1]}), so they cannot be paired; re-run the job's cells")  # fmt: skip
         reps[(job, pct, enc)] = _read_bootstrap(path.with_name("bootstrap.csv"), metric, boot["resamples"])
-    return Study(encoders, cells, reasons, spreads, reps, level)
+    return Study(encoders, cells, reasons, spreads, reps, level, trivial=trivial)
+
+
+TRIVIAL_NOTE = ("the same test cases scored by a model that learned nothing: classification a constant score "
+                "(AUC 50) or the training subset's most frequent class (accuracy); segmentation empty masks "
+                "(Dice is the share of test images without a mask); detection no box (mAP 0)")
+
+
+def trivial_row(study: Study) -> RefRow | None:
+    """The constant predictor's scores as a reference row of the tables and plots (None: no cell wrote one)."""
+    if not study.trivial:
+        return None
+    values = {k: rounded(100 * v) for k, v in study.trivial.items()}
+    return RefRow("trivial", "Constant predictor", "this run's test cases", TRIVIAL_NOTE, values)
 
 
 def read_pretrain(path: str | Path) -> dict[str, float]:
@@ -820,6 +839,8 @@ def write_reports(study: Study, runs: dict[str, dict[str, float]], losses: dict,
     """Everything collate writes, under `out` (metrics.json, tables/, plots/, claims.md)."""
     out = Path(out)
     write_json(out / "metrics.json", collated_metrics(study, runs))  # strict JSON, floats rounded
+    floor = trivial_row(study)
+    references = ([floor] if floor else []) + list(references)
     for name in TABLES:
         table = fraction_table(study, name, references)
         atomic_write(out / "tables" / f"{name}.md", render_md(table))

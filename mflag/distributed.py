@@ -127,6 +127,24 @@ def init(preference: str = "auto") -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device)
 
 
+class WorldMismatch(RuntimeError):
+    """torchrun started another world than the params describe."""
+
+
+def check_world(env: DistEnv, nnodes: int, nproc: int) -> None:
+    """Under torchrun, the world must be `nnodes` x `nproc` processes, `nproc` on this node: what the outputs
+    record as the run's params. (Without torchrun, one process: the single-process fallback.)"""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    if (env.world_size, local) != (nnodes * nproc, nproc):
+        raise WorldMismatch(
+            f"torchrun started {env.world_size} process(es), {local} on this node, but pretrain.nnodes x "
+            f"pretrain.nproc is {nnodes} x {nproc}: launch with --nnodes={nnodes} --nproc_per_node={nproc} "
+            f"(dvc.yaml's command does), or change the params"
+        )
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()

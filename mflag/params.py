@@ -67,6 +67,12 @@ FINDING_KEYS = Keys(_finding_kinds, required=False, why="the finding kinds of mf
 PerPct = Annotated[dict[str, PosFloat], PCT_KEYS]
 PerPctInt = Annotated[dict[str, PosInt], PCT_KEYS]
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+ENDPOINT = re.compile(r"(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
+RDZV_ID = re.compile(r"[A-Za-z0-9_.-]+")
+# pretrain keys that say how many nodes start the processes and where they meet, not what they compute: the
+# outputs do not record them (the world size, nnodes x nproc, is run.json's `world_size`; `nproc`, recorded since
+# before these keys existed, stays, so that the one-node outputs keep their bytes)
+LAUNCH_KEYS = ("nnodes", "rdzv_backend", "rdzv_endpoint", "rdzv_id")
 
 
 def _error(msg: str) -> ParamsError:
@@ -153,6 +159,12 @@ class ModelParams:
 class PretrainParams:
     device: Literal["auto", "cpu", "cuda"]
     nproc: PosInt  # processes per node under torchrun (GPUs per node)
+    # the launch (torchrun's own options, mapped one to one by dvc.yaml's command; docs/scale-out.md): the same
+    # on every node, since params.yaml is; the node's rank is not a param (c10d assigns it at the rendezvous)
+    nnodes: PosInt  # nodes; each runs the same command with nproc processes
+    rdzv_backend: Literal["c10d"]  # torchrun's TCP-store rendezvous (static needs a rank per node, etcd a server)
+    rdzv_endpoint: str  # host:port of the rendezvous; port 0: a free port on this machine (one node only)
+    rdzv_id: str  # the run's rendezvous id: launchers with the same id and endpoint join one run
     epochs: PosInt
     batch_size: PosInt  # per process (reference: 512 per GPU)
     lr: PosFloat  # reference: 2e-5
@@ -183,6 +195,18 @@ class PretrainParams:
         low, high = self.rotation
         if low > high:
             raise _error(f"`{prefix}.rotation` must be [low, high] with low <= high (degrees), got {self.rotation}")
+        # both strings go into the stage's shell command (dvc.yaml): nothing there but a name and a number
+        endpoint = ENDPOINT.fullmatch(self.rdzv_endpoint)
+        if endpoint is None or int(endpoint["port"]) > 65535:
+            raise _error(f"`{prefix}.rdzv_endpoint` must be host:port (a host name, an IPv4 address or [an IPv6 "
+                         f"address], a port in [0, 65535]), got {self.rdzv_endpoint!r}")  # fmt: skip
+        if self.nnodes > 1 and int(endpoint["port"]) == 0:
+            raise _error(f"`{prefix}.rdzv_endpoint` must have a port in [1, 65535] when `{prefix}.nnodes` is "
+                         f"{self.nnodes}: port 0 is a free port picked on one machine, which the other nodes "
+                         f"cannot know; got {self.rdzv_endpoint!r}")  # fmt: skip
+        if not RDZV_ID.fullmatch(self.rdzv_id):
+            raise _error(f"`{prefix}.rdzv_id` must be letters, digits, '_', '.' or '-' (at least one), "
+                         f"got {self.rdzv_id!r}")  # fmt: skip
         if self.eta_min > self.lr:
             raise _error(
                 f"`{prefix}.eta_min` must be in [0, `{prefix}.lr`] = [0, {self.lr}] (the schedule's floor), "
@@ -366,6 +390,8 @@ class SyntheticParams:
     seed: Seed  # the corpus' own seed: changing the training seed does not regenerate the data
     out_dir: str  # where the corpus is written (one folder per dataset key)
     workers: PosInt  # generator processes (1: in the stage's own process)
+    pneumonia_scale: PosFloat  # size of the pneumonia patches (RSNA boxes) in every dataset, x the base size
+    object_scale: PosFloat  # size of the foreign objects (Object-CXR boxes) in every dataset, x the base size
     mimic: SynthMimic
     chexpert: SynthChexpert
     rsna: SynthRsna
@@ -405,6 +431,7 @@ class SegmentParams:
     balance: bool  # SIIM: every positive image plus as many negatives
     # U-Net decoder widths, five positive ints; protocol (smp's default): 256, 128, 64, 32, 16
     decoder_channels: Annotated[list[PosInt], Length(5)]
+    min_epoch_images: NonNegInt  # a smaller training subset is cycled (fresh order per pass) to this many per epoch
     eval_batch_size: PosInt
 
 
@@ -426,6 +453,7 @@ class DetectParams:
                               Increasing()]  # fmt: skip
     drop_empty_test: bool  # the reference code's filter (inflates mAP); default false
     neck_widths: Annotated[list[PosInt], Length(3)]  # YOLOv3 neck widths at strides 8, 16, 32; protocol: 128, 256, 512
+    min_epoch_images: NonNegInt  # as finetune.seg.min_epoch_images
     eval_batch_size: PosInt
 
 

@@ -28,7 +28,7 @@ import torch
 
 from mflag.config import to_dict
 from mflag.distributed import resolve_device, resolve_precision
-from mflag.finetune.checks import SubsetError, cell_record, check_subsets
+from mflag.finetune.checks import SubsetError, cell_record, check_subsets, trivial_score
 from mflag.finetune.data import TaskData, load_task_data
 from mflag.finetune.memo import MemoryMemo
 from mflag.encoders import Encoder, EncoderError, encoder, load_encoder
@@ -154,6 +154,7 @@ def main(job: Job, name: str, pcts: list[int]) -> None:
         atomic_write(out / "bootstrap.csv", _bootstrap_csv(job.metric, reps))
         write_json(out / "metrics.json", {
             "job": job.name, "pct": pct, "encoder": name, **record,
+            "trivial": rounded(trivial_score(fraction, job.task)),  # what a model that learned nothing scores
             "test_cases": int(len(fraction.test_rows)), "test_set": _test_set(fraction),
             "bootstrap": {"resamples": params.stats.resamples, "seed": params.seed, "key": job.name},
             "params": {"seed": params.seed, "encoder": to_dict(params.encoders[name]),

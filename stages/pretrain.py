@@ -1,12 +1,14 @@
 """Stage `pretrain`: M-FLAG pretraining of the ResNet-50 encoder, or the ConVIRT-style baseline (runs under torchrun).
 
-`torchrun --standalone --nproc_per_node=1 stages/pretrain.py [mflag|convirt]` (default mflag; what
-dvc.yaml runs); several GPUs or nodes: see docs/gpu.md. Both methods share the trunk init, the data order,
-the augmentation, the optimiser and the schedule (`pretrain`); they differ in the objective (M-FLAG:
-alignment + orthogonality; ConVIRT: symmetric InfoNCE) and the text side: M-FLAG reads the cached
-frozen-LM embeddings (stage embed_text) unless `mflag.text_free_layers` > 0; ConVIRT trains the LM's top
-`convirt.text_free_layers` layers. Where layers train, the LM is loaded here, its frozen lower layers run
-once over the reports, and only the top layers run at each step.
+`torchrun --nnodes=1 --nproc_per_node=1 --rdzv_backend=c10d --rdzv_endpoint=localhost:0 --rdzv_id=mflag
+stages/pretrain.py [mflag|convirt]` (default mflag): what dvc.yaml runs, torchrun's options from the `pretrain`
+params; `python stages/pretrain.py` runs one process. Several GPUs or nodes: docs/gpu.md, docs/scale-out.md.
+Both methods share the trunk init, the data order, the augmentation, the optimiser and the schedule
+(`pretrain`); they differ in the objective (M-FLAG: alignment + orthogonality; ConVIRT: symmetric InfoNCE)
+and the text side: M-FLAG reads the cached frozen-LM embeddings (stage embed_text) unless
+`mflag.text_free_layers` > 0; ConVIRT trains the LM's top `convirt.text_free_layers` layers. Where layers
+train, the LM is loaded here, its frozen lower layers run once over the reports, and only the top layers run
+at each step.
 
 Only rank 0 writes. A re-run after a kill resumes from the last finished epoch (.resume/pretrain.pt or
 .resume/pretrain_convirt.pt, outside DVC's outputs so DVC does not delete it) and writes the bytes an
@@ -32,7 +34,7 @@ from mflag.augment import AugmentSpec
 from mflag.config import to_dict
 from mflag.io import atomic_write, open_live, rounded, write_json
 from mflag.models import MFLAG, VisionInitError, build_trunk, count_parameters, save_trunk
-from mflag.params import load_or_exit
+from mflag.params import LAUNCH_KEYS, load_or_exit
 from mflag.pretrain import (LOSS_TERMS, NonFiniteLoss, TrainConfig, checkpoint_bytes, evaluate, load_data,
                             remove_stale_temporaries, train, with_report_states, write_reports)
 from mflag.text import TextModelError, TextTower, load_frozen_lm, lm_layers
@@ -77,6 +79,10 @@ def main(argv: list[str]) -> None:
     out = METHODS[method]
     params = load_or_exit()
     p, env = params.pretrain, distributed.init(params.pretrain.device)
+    try:
+        distributed.check_world(env, p.nnodes, p.nproc)
+    except distributed.WorldMismatch as err:
+        sys.exit(f"error: pretrain: {err}")
     precision = distributed.resolve_precision(p.precision, env.device, "pretrain.precision")
     seed = p.run_seed(params.seed)
     free = params.mflag.text_free_layers if method == "mflag" else params.convirt.text_free_layers
@@ -132,7 +138,10 @@ def main(argv: list[str]) -> None:
             run_params["mflag"] = to_dict(params.mflag)
     else:
         run_params["convirt"] = to_dict(params.convirt)
-    run_params |= {"model": to_dict(params.model), "pretrain": to_dict(p), "precision_used": precision,
+    # not the launch keys (nodes, rendezvous): where the processes meet changes nothing they compute, and a run
+    # moved to other nodes (a requeued job) still resumes; the world size they make is `world_size`
+    pretrain = {k: v for k, v in to_dict(p).items() if k not in LAUNCH_KEYS}
+    run_params |= {"model": to_dict(params.model), "pretrain": pretrain, "precision_used": precision,
                    "seed_used": seed, "world_size": env.world_size}  # fmt: skip
     inputs = (CACHE / "index.csv", EMBEDDINGS) if free == 0 else (CACHE / "index.csv",)
     live = None

@@ -398,3 +398,27 @@ def test_missing_pretrain_timing_exits_with_the_file_name(tmp_path):
     proc = collated(tmp_path, check=False)
     assert proc.returncode != 0 and "reports/pretrain_convirt/timing.json" in proc.stderr
     assert "dvc repro pretrain_convirt" in proc.stderr
+
+
+def test_the_constant_predictors_scores_are_a_row_of_each_table(tmp_path):
+    """Each cell's `trivial` (mflag.finetune.checks.trivial_score) becomes the "Constant predictor" row, in percent;
+    a job whose cells wrote none shows blanks; a non-number is an error naming the file."""
+    cells = all_cells()
+    reps = replicates_for(cells)
+    make_project(tmp_path, cells, reps)
+    floors = {("seg_siim", 1): 0.7147, ("seg_siim", 10): 0.7147, ("seg_siim", 100): 0.7147, ("seg_rsna", 100): 0.61}
+    for (job, pct, enc), value in cells.items():
+        if (job, pct) in floors:
+            write_cell(tmp_path, job, pct, enc, value, reps[(job, pct, enc)], trivial=floors[(job, pct)])
+    collated(tmp_path)
+    text = (tmp_path / "reports/tables/segmentation.md").read_text()
+    heads, rows = md_rows(text)
+    assert heads[:3] == ["SIIM Dice 1%", "SIIM Dice 10%", "SIIM Dice 100%"]
+    (label,) = [k for k in rows if k.startswith("Constant predictor")]
+    assert rows[label] == ["71.5", "71.5", "71.5", "", "", "61.0"]
+    assert "model that learned nothing" in text
+    assert "Constant predictor" not in (tmp_path / "reports/tables/detection.md").read_text()
+
+    path = write_cell(tmp_path, "seg_rsna", 1, "mflag", 0.5, reps[("seg_rsna", 1, "mflag")], trivial="high")
+    proc = collated(tmp_path, check=False)
+    assert proc.returncode != 0 and str(path.relative_to(tmp_path)) in proc.stderr and "`trivial`" in proc.stderr

@@ -57,11 +57,13 @@ def test_config_from_params():
     c = DetectParams(lr={"rsna": {"pct1": 2e-4, "pct10": 5e-4, "pct100": 6e-4}},
                      batch_size={"rsna": {"pct1": 8, "pct10": 16, "pct100": 32}}, weight_decay=1e-6, max_epochs=50,
                      patience=10, input_size=224, conf_threshold=0.5, nms_iou=0.45, iou_thresholds=list(THRESHOLDS),
-                     drop_empty_test=True, neck_widths=[32, 64, 128], eval_batch_size=64)  # fmt: skip
+                     drop_empty_test=True, neck_widths=[32, 64, 128], min_epoch_images=300,
+                     eval_batch_size=64)  # fmt: skip
     cfg = DetectConfig.from_params(c, "rsna", 10, "bf16")
     assert cfg == DetectConfig(lr=5e-4, weight_decay=1e-6, batch_size=16, max_epochs=50, patience=10, input_size=224,
                                conf_threshold=0.5, nms_iou=0.45, iou_thresholds=THRESHOLDS, drop_empty_test=True,
-                               eval_batch_size=64, precision="bf16", widths=(32, 64, 128))  # fmt: skip
+                               eval_batch_size=64, precision="bf16", widths=(32, 64, 128),
+                               min_epoch_images=300)  # fmt: skip
     assert isinstance(cfg.iou_thresholds, tuple) and isinstance(cfg.widths, tuple)
     cfg100 = DetectConfig.from_params(c, "rsna", 100, "fp32")
     assert (cfg100.lr, cfg100.batch_size, cfg100.precision) == (6e-4, 32, "fp32")
@@ -543,3 +545,21 @@ def test_detection_cases_of_a_cell(tiny_task, monkeypatch):
     for r, g in zip(test, truths):
         np.testing.assert_allclose(g, boxes.get(int(r), np.zeros((0, 4))) * scale)
     assert replicates(cases, np.arange(4)[None])[0] == pytest.approx(res["map"], abs=1e-12)
+
+
+@pytest.mark.parametrize("min_images, steps", [(0, 2), (8, 2), (9, 4), (20, 6)])
+def test_a_small_training_subset_is_cycled_to_min_epoch_images(tiny_task, monkeypatch, min_images, steps):
+    """8 training images, batch 4: one pass is 2 steps; at least 9 images need 2 passes (4 steps), 20 need 3;
+    each pass is a permutation of the training rows."""
+    from mflag.finetune import detect
+
+    state, images, boxes = tiny_task
+    calls: list[int] = []
+    real = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    seen: list[int] = []
+    real_loss = detect.yolo_loss
+    monkeypatch.setattr(detect, "yolo_loss", lambda outs, truths, size: seen.append(len(truths)) or real_loss(outs, truths, size))
+    train_detector(state, task_data(images, boxes, TINY_ROWS), cfg_with(max_epochs=1, min_epoch_images=min_images),
+                   "cpu", seed=7)
+    assert len(calls) == steps and sum(seen) == 4 * steps

@@ -305,7 +305,7 @@ def test_decoder_channels_are_used(trunk_state):
 def _seg_params(**kw) -> SegmentParams:
     base = dict(lr=5e-4, weight_decay=0.05, batch_size={"siim": 8, "rsna": 16}, max_epochs=50, patience=10,
                 input_size=224, augment=True, balance=True, decoder_channels=[256, 128, 64, 32, 16],
-                eval_batch_size=64)  # fmt: skip
+                min_epoch_images=0, eval_batch_size=64)  # fmt: skip
     return SegmentParams(**{**base, **kw})
 
 
@@ -316,6 +316,7 @@ def test_config_from_params():
                                  augment=True, balance=True, eval_batch_size=64, precision="bf16",
                                  decoder_channels=(256, 128, 64, 32, 16))  # fmt: skip
     assert SegmentConfig.from_params(c, "siim", 100, "bf16") == siim  # the same at every fraction
+    assert SegmentConfig.from_params(_seg_params(min_epoch_images=512), "siim", 1, "bf16").min_epoch_images == 512
     rsna = SegmentConfig.from_params(c, "rsna", 10, "fp32")
     assert rsna.batch_size == 16 and not rsna.balance and rsna.precision == "fp32"  # only SIIM is balanced
     assert not SegmentConfig.from_params(_seg_params(balance=False), "siim", 1, "fp32").balance
@@ -429,3 +430,21 @@ def test_dice_cases_are_the_test_images_dice_in_test_row_order(trunk_state):
     again = train_segmenter(trunk_state, _task(images, masks, np.arange(6), np.arange(6, 8), test[::-1]), cfg, "cpu",
                             seed=0)  # fmt: skip
     np.testing.assert_array_equal(again["cases"], cases[::-1])
+
+
+def _counted_steps(monkeypatch) -> list[int]:
+    """Counts the AdamW steps taken (the optimiser itself runs as usual)."""
+    calls: list[int] = []
+    real = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("min_images, steps", [(0, 2), (4, 2), (5, 4), (10, 6)])
+def test_a_small_training_subset_is_cycled_to_min_epoch_images(trunk_state, monkeypatch, min_images, steps):
+    """4 training images, batch 2: one pass is 2 steps; at least 5 images need 2 passes (4 steps), 10 need 3."""
+    calls = _counted_steps(monkeypatch)
+    images, masks = _squares(8, 32, seed=6)
+    train_segmenter(trunk_state, _task(images, masks, np.arange(4), np.arange(4, 6), np.arange(6, 8)),
+                    _cfg(max_epochs=1, batch_size=2, augment=False, min_epoch_images=min_images), "cpu", seed=0)
+    assert len(calls) == steps

@@ -118,6 +118,25 @@ def check_subsets(data: TaskData, task: str, pct: int) -> SubsetCheck:
     return SubsetCheck(not_evaluable, warnings)
 
 
+def trivial_score(data: TaskData, task: str) -> float:
+    """The test metric of a model that learned nothing, on the same test cases: the floor a cell must clear.
+
+    Classification: a constant score, AUC 0.5; accuracy (multiclass): every test image given the training
+    subset's most frequent class (the lowest class id on a tie). Segmentation: empty masks everywhere, i.e.
+    the share of test images without a mask (an empty truth scores 1 for an empty prediction). Detection: no
+    box, mAP 0."""
+    test = _rows_of(data, "test")
+    if task == "seg":
+        return float(np.mean([not np.asarray(data.masks[r]).any() for r in test]))
+    if task == "det":
+        return 0.0
+    if data.kind != "multiclass":
+        return 0.5
+    y = np.asarray(data.labels)
+    majority = int(np.argmax(np.bincount(y[_rows_of(data, "train")])))
+    return float(np.mean(y[test] == majority))
+
+
 def _finite_or_none(obj):
     """`obj` with every NaN or infinite float replaced by None, through dicts and lists."""
     if isinstance(obj, float):

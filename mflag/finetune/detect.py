@@ -59,7 +59,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_iou, nms
 
-from mflag.finetune.data import HALF, check_normalisation, normalise_grey
+from mflag.finetune.data import HALF, check_normalisation, normalise_grey, passes_per_epoch
 from mflag.finetune.memo import FeatureMemo, no_memo
 from mflag.models import resnet50_trunk
 
@@ -94,6 +94,7 @@ class DetectConfig:
     eval_batch_size: int
     precision: str  # fp32 | bf16
     widths: tuple[int, ...] = YOLO_WIDTHS  # the neck's widths at strides 8, 16, 32 (YOLOv3's by default)
+    min_epoch_images: int = 0  # a smaller training subset is cycled to this many images per epoch (0: off)
     mean: tuple[float, float, float] = HALF  # the encoder's input normalisation per channel, on grey in [0, 1]
     std: tuple[float, float, float] = HALF
 
@@ -109,7 +110,7 @@ class DetectConfig:
                    max_epochs=c.max_epochs, patience=c.patience, input_size=c.input_size,
                    conf_threshold=c.conf_threshold, nms_iou=c.nms_iou, iou_thresholds=tuple(c.iou_thresholds),
                    drop_empty_test=c.drop_empty_test, eval_batch_size=c.eval_batch_size, precision=precision,
-                   widths=tuple(c.neck_widths))  # fmt: skip
+                   widths=tuple(c.neck_widths), min_epoch_images=c.min_epoch_images)  # fmt: skip
 
 
 def _autocast_dtype(precision: str) -> torch.dtype | None:
@@ -610,8 +611,9 @@ def train_detector(
     train_time, train_seen = 0.0, 0
     for epoch in range(1, cfg.max_epochs + 1):
         head.train()
-        perm = np.random.default_rng([seed, epoch]).permutation(n_train)
-        batches = [perm[i : i + cfg.batch_size] for i in range(0, n_train, cfg.batch_size)]
+        rng = np.random.default_rng([seed, epoch])
+        perm = np.concatenate([rng.permutation(n_train) for _ in range(passes_per_epoch(n_train, cfg.min_epoch_images))])
+        batches = [perm[i : i + cfg.batch_size] for i in range(0, len(perm), cfg.batch_size)]
         if len(batches) > 1 and len(batches[-1]) == 1:
             batches.pop()
         sums = {"loss": 0.0, "loss_box": 0.0, "loss_obj": 0.0, "loss_cls": 0.0}

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as nnf
 
-from mflag.finetune.data import HALF, check_normalisation, normalise_grey
+from mflag.finetune.data import HALF, check_normalisation, normalise_grey, passes_per_epoch
 from mflag.finetune.memo import FeatureMemo, no_memo
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ class SegmentConfig:
     eval_batch_size: int  # test predictions only (the validation loss uses batch_size, as MGCA's loader)
     precision: str  # "fp32" | "bf16" (autocast; bf16 also runs in channels_last)
     decoder_channels: tuple[int, ...] = DECODER_CHANNELS  # smp's default (256, 128, 64, 32, 16)
+    min_epoch_images: int = 0  # a smaller training subset is cycled to this many images per epoch (0: off)
     mean: tuple[float, float, float] = HALF  # the encoder's input normalisation per channel, on grey in [0, 1]
     std: tuple[float, float, float] = HALF
 
@@ -95,6 +96,7 @@ class SegmentConfig:
             patience=c.patience, input_size=c.input_size, augment=c.augment,
             balance=c.balance and dataset == "siim",  # only SIIM is balanced in MGCA's protocol
             eval_batch_size=c.eval_batch_size, precision=precision, decoder_channels=tuple(c.decoder_channels),
+            min_epoch_images=c.min_epoch_images,
         )  # fmt: skip
 
 
@@ -370,7 +372,9 @@ def train_segmenter(
         t0 = time.perf_counter()
         model.train()
         model.encoder.eval()  # frozen: batch-norm statistics stay those of the trunk
-        order = torch.randperm(len(on_device["train"][0]), generator=gen).to(device)
+        n = len(on_device["train"][0])
+        order = torch.cat([torch.randperm(n, generator=gen) for _ in range(passes_per_epoch(n, cfg.min_epoch_images))])
+        order = order.to(device)
         loss_sum, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         for i in range(0, len(order), cfg.batch_size):
             logits, m = batch("train", order[i : i + cfg.batch_size], cfg.augment)

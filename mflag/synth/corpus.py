@@ -10,6 +10,7 @@ can check the labels against what was drawn.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -435,6 +436,9 @@ def generate(params: SyntheticParams, out_dir: Path, datasets: tuple[str, ...] =
         if tmp_root.exists():
             shutil.rmtree(tmp_root)
         jobs, extra = PLANS[name][0](cfg, params.seed, tmp_root)
+        # one world: the lesions' and objects' sizes are the same in every dataset (only the scanner differs)
+        world = {"pneumonia_scale": params.pneumonia_scale, "object_scale": params.object_scale}
+        jobs = [dataclasses.replace(j, style=dataclasses.replace(j.style, **world)) for j in jobs]
         plans[name] = (cfg, tmp_root, jobs, extra)
     all_jobs = [job for _, _, jobs, _ in plans.values() for job in jobs]
     ctx = mp.get_context("fork" if os.name == "posix" else "spawn")

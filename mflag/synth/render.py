@@ -35,6 +35,8 @@ class Style:
     blur: float
     border: float
     equalize: bool
+    pneumonia_scale: float = 1.0  # size of the pneumonia (consolidation) patches, x the base radius
+    object_scale: float = 1.0  # size of the foreign objects (coins, buttons, clips, wire width)
 
 
 @dataclass
@@ -257,14 +259,14 @@ def _sides(f: Finding) -> tuple[str, ...]:
     return ("right", "left") if f.side == "bilateral" else (f.side,)
 
 
-def _consolidation(fr, an, f, rng, lung, boxes) -> np.ndarray:
+def _consolidation(fr, an, f, rng, lung, boxes, scale: float) -> np.ndarray:
     X, Y = fr.X, fr.Y
     out = np.zeros(fr.shape, np.float32)
     for side in _sides(f):
         k = 0 if side == "right" else 1
         for _ in range(f.count):
             cx, cy = _lung_point(rng, an, side, f.zone)
-            r = 0.11 * SIZE_SCALE[f.size]
+            r = 0.11 * SIZE_SCALE[f.size] * scale
             patch = np.zeros(fr.shape, np.float32)
             for _ in range(4):  # patchy: a cluster of sub-blobs
                 patch = np.maximum(patch, _blob(X, Y, cx + rng.normal(0, r * 0.5), cy + rng.normal(0, r * 0.4), r * rng.uniform(0.5, 0.9)))
@@ -376,13 +378,13 @@ def _devices(fr, an, f, rng) -> np.ndarray:
     return np.clip(gen + lead, 0, 1)
 
 
-def _objects(fr, hi, f, rng, shapes) -> np.ndarray:
+def _objects(fr, hi, f, rng, shapes, scale: float) -> np.ndarray:
     """Coins, buttons, clips and wires, anywhere on the body; their Object-CXR shapes are recorded."""
     out = np.zeros(fr.shape, np.float32)
     for _ in range(f.count):
         cx, cy = rng.uniform(-0.65, 0.65), rng.uniform(-0.7, 0.6)
         if f.subtype in ("coin", "button"):
-            r = rng.uniform(0.04, 0.065) if f.subtype == "coin" else rng.uniform(0.025, 0.04)
+            r = (rng.uniform(0.04, 0.065) if f.subtype == "coin" else rng.uniform(0.025, 0.04)) * scale
             disc = _ellipse(fr.X, fr.Y, cx, cy, r, r, 20.0)
             if f.subtype == "button":  # four thread holes
                 for dx, dy in ((-1, -1), (1, -1), (-1, 1), (1, 1)):
@@ -392,7 +394,7 @@ def _objects(fr, hi, f, rng, shapes) -> np.ndarray:
             shapes.append((1, [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]))
         elif f.subtype == "clip":
             a = rng.uniform(0, np.pi)
-            half = np.array([[0.035, 0.012]]) * rng.uniform(0.8, 1.2)
+            half = np.array([[0.035, 0.012]]) * rng.uniform(0.8, 1.2) * scale
             corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * half
             rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
             poly = corners @ rot.T + [cx, cy]
@@ -406,9 +408,9 @@ def _objects(fr, hi, f, rng, shapes) -> np.ndarray:
             n = 6
             steps = rng.normal(0, 0.06, size=(n, 2)) + [0.05, 0.02]
             pts = np.cumsum(steps, axis=0) + [cx, cy]
-            out += _polyline(fr, pts, max(1.5, fr.unit * 0.008))
+            out += _polyline(fr, pts, max(1.5, fr.unit * 0.008 * scale))
             px = hi.to_pixels(pts)
-            pad = 3.0
+            pad = 3.0 * scale
             ring = np.concatenate([px + [0, -pad], (px + [0, pad])[::-1]])
             shapes.append((2, [float(v) for v in ring.reshape(-1)]))
     return out
@@ -487,7 +489,7 @@ def render(case: Case, width: int, height: int, style: Style, rng: np.random.Gen
             A += -0.07 * rim + 0.1 * pleural_line
         for f in case.findings:
             if f.kind == "consolidation":
-                patch = _consolidation(fr, an, f, rng, lung, boxes)
+                patch = _consolidation(fr, an, f, rng, lung, boxes, style.pneumonia_scale)
                 A += 0.4 * patch
             elif f.kind == "effusion":
                 A += 0.34 * _effusion(fr, an, f, lung)
@@ -502,7 +504,7 @@ def render(case: Case, width: int, height: int, style: Style, rng: np.random.Gen
             elif f.kind == "device":
                 A += 0.6 * _devices(fr, an, f, rng)
             elif f.kind == "foreign_object":
-                A += 0.9 * _objects(fr, hi, f, rng, objects)
+                A += 0.9 * _objects(fr, hi, f, rng, objects, style.object_scale)
         boxes = [fr.box_to_pixels(b, hi) for b in boxes]
     else:
         A = _lateral_attenuation(fr, rng, markings)
