@@ -432,6 +432,8 @@ class SegmentParams:
     # U-Net decoder widths, five positive ints; protocol (smp's default): 256, 128, 64, 32, 16
     decoder_channels: Annotated[list[PosInt], Length(5)]
     min_epoch_images: NonNegInt  # a smaller training subset is cycled (fresh order per pass) to this many per epoch
+    # the head's initial foreground probability, in (0, 1); null: smp's own init (protocol)
+    prior: Annotated[float, Range(0, 1, low_open=True, high_open=True)] | None
     eval_batch_size: PosInt
 
 

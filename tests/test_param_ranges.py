@@ -131,6 +131,9 @@ BAD = {
                               "exactly 5"),
     "zero decoder channel": ({"finetune.seg.decoder_channels": [64, 32, 0, 16, 8]},
                              "finetune.seg.decoder_channels[2]", "[1, inf)"),
+    "segmentation prior of 0": ({"finetune.seg.prior": 0.0}, "finetune.seg.prior", "(0, 1)"),
+    "segmentation prior of 1": ({"finetune.seg.prior": 1.0}, "finetune.seg.prior", "(0, 1)"),
+    "negative min_epoch_images": ({"finetune.det.min_epoch_images": -1}, "finetune.det.min_epoch_images", "[0, inf)"),
     "two neck widths": ({"finetune.det.neck_widths": [32, 64]}, "finetune.det.neck_widths", "exactly 3"),
     "three betas": ({"pretrain.betas": [0.9, 0.99, 0.999]}, "pretrain.betas", "exactly 2"),
     # cross-field rules

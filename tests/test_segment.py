@@ -305,7 +305,7 @@ def test_decoder_channels_are_used(trunk_state):
 def _seg_params(**kw) -> SegmentParams:
     base = dict(lr=5e-4, weight_decay=0.05, batch_size={"siim": 8, "rsna": 16}, max_epochs=50, patience=10,
                 input_size=224, augment=True, balance=True, decoder_channels=[256, 128, 64, 32, 16],
-                min_epoch_images=0, eval_batch_size=64)  # fmt: skip
+                min_epoch_images=0, prior=None, eval_batch_size=64)  # fmt: skip
     return SegmentParams(**{**base, **kw})
 
 
@@ -317,6 +317,7 @@ def test_config_from_params():
                                  decoder_channels=(256, 128, 64, 32, 16))  # fmt: skip
     assert SegmentConfig.from_params(c, "siim", 100, "bf16") == siim  # the same at every fraction
     assert SegmentConfig.from_params(_seg_params(min_epoch_images=512), "siim", 1, "bf16").min_epoch_images == 512
+    assert SegmentConfig.from_params(_seg_params(prior=0.01), "siim", 1, "bf16").prior == 0.01
     rsna = SegmentConfig.from_params(c, "rsna", 10, "fp32")
     assert rsna.batch_size == 16 and not rsna.balance and rsna.precision == "fp32"  # only SIIM is balanced
     assert not SegmentConfig.from_params(_seg_params(balance=False), "siim", 1, "fp32").balance
@@ -448,3 +449,22 @@ def test_a_small_training_subset_is_cycled_to_min_epoch_images(trunk_state, monk
     train_segmenter(trunk_state, _task(images, masks, np.arange(4), np.arange(4, 6), np.arange(6, 8)),
                     _cfg(max_epochs=1, batch_size=2, augment=False, min_epoch_images=min_images), "cpu", seed=0)
     assert len(calls) == steps
+
+
+def test_the_prior_sets_only_the_heads_bias_to_its_logit(trunk_state):
+    """With a prior p the head's bias is logit(p) (scipy's expit of it gives p back); every other weight is
+    the one the same seed draws without it."""
+    from scipy.special import expit
+
+    models = {}
+    for prior in (None, 0.01):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(5)
+            models[prior] = segment.build_unet(trunk_state, (32, 16, 16, 8, 8), prior)
+    bias = models[0.01].segmentation_head[0].bias.detach().numpy()
+    np.testing.assert_allclose(expit(bias.astype(np.float64)), 0.01, rtol=1e-6)
+    plain, primed = models[None].state_dict(), models[0.01].state_dict()
+    differing = [k for k in plain if not torch.equal(plain[k], primed[k])]
+    assert differing == ["segmentation_head.0.bias"]
+    with pytest.raises(ValueError, match="prior must be in"):
+        _cfg(prior=1.0)

@@ -70,6 +70,7 @@ class SegmentConfig:
     precision: str  # "fp32" | "bf16" (autocast; bf16 also runs in channels_last)
     decoder_channels: tuple[int, ...] = DECODER_CHANNELS  # smp's default (256, 128, 64, 32, 16)
     min_epoch_images: int = 0  # a smaller training subset is cycled to this many images per epoch (0: off)
+    prior: float | None = None  # the head's initial foreground probability (None: smp's init)
     mean: tuple[float, float, float] = HALF  # the encoder's input normalisation per channel, on grey in [0, 1]
     std: tuple[float, float, float] = HALF
 
@@ -79,6 +80,8 @@ class SegmentConfig:
             raise ValueError(f"SegmentConfig.precision must be fp32 or bf16, got {self.precision!r}")
         if self.input_size < 32 or self.input_size % 32:
             raise ValueError(f"SegmentConfig.input_size must be a positive multiple of 32 (U-Net stride), got {self.input_size}")
+        if self.prior is not None and not 0.0 < self.prior < 1.0:
+            raise ValueError(f"SegmentConfig.prior must be in (0, 1) or None, got {self.prior}")
         if len(self.decoder_channels) != 5 or min(self.decoder_channels) < 1:
             raise ValueError(f"SegmentConfig.decoder_channels must be 5 positive ints, got {self.decoder_channels}")
         for name in ("batch_size", "max_epochs", "patience", "eval_batch_size"):
@@ -96,7 +99,7 @@ class SegmentConfig:
             patience=c.patience, input_size=c.input_size, augment=c.augment,
             balance=c.balance and dataset == "siim",  # only SIIM is balanced in MGCA's protocol
             eval_batch_size=c.eval_batch_size, precision=precision, decoder_channels=tuple(c.decoder_channels),
-            min_epoch_images=c.min_epoch_images,
+            min_epoch_images=c.min_epoch_images, prior=c.prior,
         )  # fmt: skip
 
 
@@ -114,8 +117,13 @@ MGCA_SSR = ShiftScaleRotate()
 
 
 # ------------------------------------------------------------------------------------------- model
-def build_unet(trunk_state: dict[str, torch.Tensor], decoder_channels: tuple[int, ...] = DECODER_CHANNELS) -> nn.Module:
+def build_unet(
+    trunk_state: dict[str, torch.Tensor], decoder_channels: tuple[int, ...] = DECODER_CHANNELS, prior: float | None = None
+) -> nn.Module:
     """smp's ``Unet("resnet50", classes=1)`` whose encoder holds ``trunk_state`` exactly, frozen and in eval mode.
+
+    ``prior``: where given, the head's bias starts at logit(prior), so that every pixel starts at that
+    foreground probability (the detector's objectness prior, mflag.finetune.detect); None: smp's own init.
 
     ``trunk_state``: a state dict of :func:`mflag.models.resnet50_trunk` (``fc`` keys, if any, are
     ignored: the encoder has no classifier). Any other missing / unexpected key or shape mismatch raises.
@@ -137,6 +145,9 @@ def build_unet(trunk_state: dict[str, torch.Tensor], decoder_channels: tuple[int
             f"{len(unexpected)} unexpected {unexpected[:4]}, {len(bad_shape)} with another shape {bad_shape[:4]}"
         )
     enc.load_state_dict(state, strict=True)
+    if prior is not None:  # why: a decoder that starts at p = 0.5 marks half of every empty image for its first steps
+        with torch.no_grad():
+            model.segmentation_head[0].bias.fill_(math.log(prior / (1.0 - prior)))
     model.freeze_encoder()  # no gradients; model.train() now skips the encoder
     enc.eval()  # smp's freeze sets only the norm layers to eval; the whole encoder is inference-only here
     return model
@@ -314,7 +325,7 @@ def train_segmenter(
 
     with torch.random.fork_rng(devices=[]):  # decoder init from the seed, global RNG untouched
         torch.manual_seed(seed)
-        model = build_unet(trunk_state, cfg.decoder_channels)
+        model = build_unet(trunk_state, cfg.decoder_channels, cfg.prior)
     channels_last = cfg.precision == "bf16"
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
