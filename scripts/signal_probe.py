@@ -35,7 +35,6 @@ if str(ROOT) not in sys.path:
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -56,7 +55,7 @@ from mflag.distributed import DistEnv, resolve_device, resolve_precision  # noqa
 from mflag.encoders import encoder, load_encoder  # noqa: E402
 from mflag.finetune.checks import cell_record, check_subsets  # noqa: E402
 from mflag.finetune.classify import ClassifyConfig, ProbeCases, encode_features, probe_over_seeds  # noqa: E402
-from mflag.finetune.data import load_task_data  # noqa: E402
+from mflag.finetune.data import load_task_data, fingerprint_test_set  # noqa: E402
 from mflag.io import atomic_write  # noqa: E402
 from mflag.jobs import JOBS, PCTS  # noqa: E402
 from mflag.models import build_trunk, resnet50_trunk, trunk_stages  # noqa: E402
@@ -115,11 +114,6 @@ def position(mflag: float, random: float, bound: float) -> float | None:
     if not bound > random:
         return None
     return (mflag - random) / (bound - random)
-
-
-def test_set_fingerprint(image_ids: list[str]) -> str:
-    """The fingerprint stages/finetune.py writes as a cell's `test_set` (its test image ids, in order)."""
-    return hashlib.sha256("\n".join(image_ids).encode()).hexdigest()[:16]
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -297,8 +291,7 @@ def evaluate_cls(ws: Path, params: Params, state: dict, mean, std) -> dict:
                                       features=features, progress=False)  # fmt: skip
             reps = replicates(result.pop("cases"), resamples)
             record = cell_record(result, job.metric, check.not_evaluable)
-            ids = fraction.index["image_id"].iloc[fraction.test_rows].astype(str).tolist()
-            out[(job.name, pct)] = {"record": record, "reps": reps, "test_set": test_set_fingerprint(ids)}
+            out[(job.name, pct)] = {"record": record, "reps": reps, "test_set": fingerprint_test_set(fraction)}
             print(f"signal: supervised {job.name} {pct}%: {job.metric} {_fmt(record.get(job.metric), 4)}", flush=True)
     return out
 

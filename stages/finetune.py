@@ -17,7 +17,6 @@ this process, so the frozen encoder's features that do not depend on the fractio
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from mflag.config import to_dict
 from mflag.distributed import resolve_device, resolve_precision
 from mflag.finetune.checks import SubsetError, cell_record, check_subsets, trivial_score
-from mflag.finetune.data import TaskData, load_task_data
+from mflag.finetune.data import TaskData, load_task_data, fingerprint_test_set
 from mflag.finetune.memo import MemoryMemo
 from mflag.encoders import Encoder, EncoderError, encoder, load_encoder
 from mflag.io import atomic_write, open_live, rounded, write_json
@@ -86,12 +85,6 @@ def _check_rows(job: Job, data: TaskData, pct: int) -> None:
 def _progress(cell: str, rec: dict) -> str:
     values = ", ".join(f"{k}={v:.4f}" for k, v in rec.items() if k != "epoch" and isinstance(v, float))
     return f"finetune {cell} epoch {rec.get('epoch', '?')}: {values}"
-
-
-def _test_set(data: TaskData) -> str:
-    """A fingerprint of the test cases, in order: collation pairs only cells scored on the same ones."""
-    ids = "\n".join(data.index["image_id"].iloc[data.test_rows].astype(str))
-    return hashlib.sha256(ids.encode()).hexdigest()[:16]
 
 
 def _bootstrap_csv(metric: str, reps: np.ndarray) -> str:
@@ -155,7 +148,7 @@ def main(job: Job, name: str, pcts: list[int]) -> None:
         write_json(out / "metrics.json", {
             "job": job.name, "pct": pct, "encoder": name, **record,
             "trivial": rounded(trivial_score(fraction, job.task)),  # what a model that learned nothing scores
-            "test_cases": int(len(fraction.test_rows)), "test_set": _test_set(fraction),
+            "test_cases": int(len(fraction.test_rows)), "test_set": fingerprint_test_set(fraction),
             "bootstrap": {"resamples": params.stats.resamples, "seed": params.seed, "key": job.name},
             "params": {"seed": params.seed, "encoder": to_dict(params.encoders[name]),
                        "finetune": {job.task: to_dict(task_params), "device": ft.device, "precision": ft.precision},

@@ -1,5 +1,5 @@
 """scripts/signal_probe.py's own logic: labels from truth rows, the position between random and the bound, the
-probe AUC table, and the test-set fingerprint it pairs cells by (against hand-written cases)."""
+probe AUC table (against hand-written cases)."""
 
 from __future__ import annotations
 
@@ -81,15 +81,3 @@ def test_auc_table(sig):
     assert rows[1] == pytest.approx((0.5, 0.5, 0.5))  # all tied: one half
     one_class = sig.auc_table(scores[:, :1], np.zeros((4, 1), int), idx, 0.95)
     assert one_class == [(None, None, None)]
-
-
-def test_fingerprint_matches_the_finetune_stage(sig):
-    from stages.finetune import _test_set
-
-    index = pd.DataFrame({"image_id": ["a", "b", "c", "d"]})
-
-    class Data:  # the two fields _test_set reads
-        test_rows = np.array([3, 1])
-
-    Data.index = index
-    assert sig.test_set_fingerprint(["d", "b"]) == _test_set(Data)

@@ -4,13 +4,15 @@ the per-image Dice of mflag.finetune.segment on empty masks, and pycocotools' mA
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, roc_auc_score
 
 from mflag.finetune.checks import trivial_score
-from mflag.finetune.data import TaskData, passes_per_epoch
+from mflag.finetune.data import TaskData, passes_per_epoch, fingerprint_test_set
 from mflag.finetune.detect import coco_map
 from mflag.finetune.segment import dice_per_image
 
@@ -65,3 +67,12 @@ def test_passes_per_epoch(n, floor, passes):
 def test_passes_per_epoch_refuses_an_empty_subset():
     with pytest.raises(ValueError, match="no training images"):
         passes_per_epoch(0, 10)
+
+
+def test_the_test_set_fingerprint_is_the_hash_of_the_test_ids_in_order():
+    """What every cell writes as `test_set` and the signal script checks cells by: sha256 of the test image ids,
+    newline-joined in test-row order, first 16 hex digits."""
+    data = TaskData(dataset="x", images=np.zeros((4, 8, 8), np.uint8),
+                    index=pd.DataFrame({"image_id": ["a", "b", "c", "d"]}), train_rows=np.array([0]),
+                    valid_rows=np.array([2]), test_rows=np.array([3, 1]))  # fmt: skip
+    assert fingerprint_test_set(data) == hashlib.sha256(b"d\nb").hexdigest()[:16]

@@ -10,6 +10,7 @@ torchvision's ImageNet weights: 0.485 / 0.456 / 0.406 and 0.229 / 0.224 / 0.225)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,3 +129,10 @@ def renormalise(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
     if _is_half(mean, std):
         return x
     return ((x + 1.0) * 0.5 - _per_channel(mean, x)) / _per_channel(std, x)
+
+
+def fingerprint_test_set(data: TaskData) -> str:
+    """A fingerprint of the test cases, in order (a cell's `test_set`): collation pairs only cells scored on the
+    same ones."""
+    ids = "\n".join(data.index["image_id"].iloc[data.test_rows].astype(str))
+    return hashlib.sha256(ids.encode()).hexdigest()[:16]
