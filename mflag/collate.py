@@ -72,6 +72,9 @@ class Diff:
         return self.lo is not None and self.hi is not None and (self.lo > 0 or self.hi < 0)
 
 
+REF_KINDS = ("published", "independent")  # the authors' own figures | an independent re-evaluation of M-FLAG
+
+
 @dataclass(frozen=True)
 class RefRow:
     key: str
@@ -79,6 +82,8 @@ class RefRow:
     source: str
     protocol: str
     values: dict[tuple[str, int], float]  # (job, pct) -> percent
+    kind: str = "published"  # REF_KINDS, or "floor" (the constant predictor)
+    metric: str | None = None  # None: the jobs' own metrics (a table row); else another metric (a note, no row)
 
 
 @dataclass
@@ -242,7 +247,7 @@ def trivial_row(study: Study) -> RefRow | None:
     if not study.trivial:
         return None
     values = {k: rounded(100 * v) for k, v in study.trivial.items()}
-    return RefRow("trivial", "Constant predictor", "this run's test cases", TRIVIAL_NOTE, values)
+    return RefRow("trivial", "Constant predictor", "this run's test cases", TRIVIAL_NOTE, values, "floor")
 
 
 def read_pretrain(path: str | Path) -> dict[str, float]:
@@ -275,13 +280,20 @@ def read_language_model(path: str | Path) -> dict:
 
 
 def read_reference(path: str | Path) -> list[RefRow]:
-    """paper_reference.yaml: `rows`, each {key, label, source, protocol, values: {job: {pct<p>: percent}}}."""
+    """paper_reference.yaml: `rows`, each {key, label, kind, source, protocol, values: {job: {pct<p>: percent}}}
+    and optionally `metric` (a metric other than the jobs' own: the values become a note, never a table row)."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
     rows = []
+    required = {"key", "label", "kind", "source", "protocol", "values"}
     for i, row in enumerate(raw.get("rows") or []):
         where = f"{path}: rows[{i}]"
-        if not isinstance(row, dict) or set(row) != {"key", "label", "source", "protocol", "values"}:
-            raise CollateError(f"{where} must hold exactly key, label, source, protocol and values")
+        if not isinstance(row, dict) or not required <= set(row) or set(row) - required - {"metric"}:
+            raise CollateError(f"{where} must hold key, label, kind, source, protocol and values, and may hold metric")
+        if row["kind"] not in REF_KINDS:
+            raise CollateError(f"{where}.kind: one of {', '.join(REF_KINDS)}, got {row['kind']!r}")
+        metric = row.get("metric")
+        if metric is not None and (not isinstance(metric, str) or not metric.strip()):
+            raise CollateError(f"{where}.metric: the name of the metric the values are in (e.g. F1), or absent")
         values = {}
         for job, entry in (row["values"] or {}).items():
             if job not in JOBS or not isinstance(entry, dict):
@@ -295,8 +307,27 @@ def read_reference(path: str | Path) -> list[RefRow]:
                 values[(job, pct)] = float(value)
         if not all(isinstance(row[k], str) and row[k].strip() for k in ("key", "label", "source", "protocol")):
             raise CollateError(f"{where}: key, label, source and protocol must be non-empty text")
-        rows.append(RefRow(row["key"], row["label"], row["source"].strip(), row["protocol"].strip(), values))
+        if metric is not None and any(METRIC_LABELS[JOBS[j].metric] == metric.strip() for j, _ in values):
+            raise CollateError(f"{where}.metric: {metric} is the job's own metric; leave `metric` out")
+        rows.append(RefRow(row["key"], row["label"], row["source"].strip(), row["protocol"].strip(), values,
+                           row["kind"], None if metric is None else metric.strip()))  # fmt: skip
     return rows
+
+
+def _ref_note(r: RefRow) -> str:
+    lead = "Independent re-evaluation of M-FLAG. " if r.kind == "independent" else ""
+    return f"{lead}{r.label}: {r.source}; {r.protocol}."
+
+
+def _other_metric_note(r: RefRow, jobs: list[str]) -> str:
+    """A reference in another metric, as text: not comparable cell by cell with the table's columns."""
+    parts = []
+    for job in jobs:
+        pcts = [p for p in PCTS if (job, p) in r.values]
+        if pcts:
+            figures = " / ".join(_pct(r.values[(job, p)]) for p in pcts)
+            parts.append(f"{JOBS[job].label} {r.metric} {figures} at {' / '.join(f'{p}' for p in pcts)}%")
+    return (f"In another metric ({r.metric}), so not a row: {_ref_note(r)} Its figures: {'; '.join(parts)}.")
 
 
 # --------------------------------------------------------------------------------------- metrics
@@ -354,6 +385,7 @@ class Table:
     level: float = 0.95
     seeds: list[int] = field(default_factory=list)  # distinct seed counts of the cells that report a mean
     not_evaluable: list[str] = field(default_factory=list)  # "<cell> (<reason>)" of the cells shown as n/a
+    other_notes: list[str] = field(default_factory=list)  # references in another metric than the columns'
 
     @property
     def columns(self) -> list[tuple[str, int]]:
@@ -390,11 +422,13 @@ def fraction_table(study: Study, table: str, references: list[RefRow]) -> Table:
         rows.append(Row(enc, label, values[enc], [x is not None and x == b for x, b in zip(values[enc], best)],
                         [_percent(lo) for lo, _ in bounds], [_percent(hi) for _, hi in bounds], why))  # fmt: skip
     refs = [r for r in references if any(k[0] in jobs for k in r.values)]
-    ref_rows = [Row(r.key, r.label, [r.values.get(c) for c in columns], [False] * len(columns)) for r in refs]
-    notes = [f"{r.label}: {r.source}; {r.protocol}." for r in refs]
+    ref_rows = [Row(r.key, r.label, [r.values.get(c) for c in columns], [False] * len(columns))
+                for r in refs if r.metric is None]  # fmt: skip
+    notes = [_ref_note(r) for r in refs if r.metric is None]
+    others = [_other_metric_note(r, jobs) for r in refs if r.metric is not None]
     missing = [m for m in study.missing() if m.rsplit("-", 2)[0] in jobs]
     seeds = sorted({n for (j, _, _), (_, n) in study.spreads.items() if j in jobs})
-    return Table(table, jobs, rows, ref_rows, notes, missing, study.level, seeds, na)
+    return Table(table, jobs, rows, ref_rows, notes, missing, study.level, seeds, na, others)
 
 
 _TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -423,7 +457,7 @@ def _table_notes(table: Table, dash: str) -> list[str]:
     if table.not_evaluable:
         notes.append(f"Not evaluable ({len(table.not_evaluable)}, shown as n/a: the cell ran, its metric is "
                      f"undefined): {'; '.join(table.not_evaluable)}.")  # fmt: skip
-    return notes
+    return notes + table.other_notes
 
 
 def render_md(table: Table) -> str:
@@ -633,7 +667,7 @@ def fraction_png(study: Study, references: list[RefRow]) -> bytes:
                            [0.0 if hi is None or math.isnan(v) else 100 * hi - v for v, (_, hi) in zip(y, bounds)]]
                     # the encoders side by side around each fraction, so their intervals do not hide each other
                     ax.errorbar([p * shift[enc] for p in PCTS], y, yerr=err, marker="o", capsize=3, label=label)
-                for k, ref in enumerate(references):
+                for k, ref in enumerate(r for r in references if r.metric is None):  # another metric: no point
                     pts = [(p, ref.values[(job, p)]) for p in PCTS if (job, p) in ref.values]
                     if pts:
                         ax.plot(*zip(*pts), marker="*", ms=11, ls=":", color=str(0.2 + 0.2 * k), label=ref.label)

@@ -25,6 +25,7 @@ JOBS: dict[str, Job] = {
         Job("cls_chexpert", "cls", "chexpert", "auc", "CheXpert"),
         Job("cls_rsna", "cls", "rsna", "auc", "RSNA"),
         Job("cls_covidx", "cls", "covidx", "acc", "COVIDx"),
+        Job("cls_nih", "cls", "nih", "auc", "NIH ChestX-ray14"),
         Job("seg_siim", "seg", "siim", "dice", "SIIM"),
         Job("seg_rsna", "seg", "rsna", "dice", "RSNA"),
         Job("det_rsna", "det", "rsna", "map", "RSNA"),

@@ -22,7 +22,7 @@ import yaml
 
 from mflag.config import Increasing, Keys, Length, MultipleOf, ParamsError, Range, parse, to_dict
 
-DATASETS = ("mimic", "chexpert", "rsna", "siim", "covidx", "objcxr")
+DATASETS = ("mimic", "chexpert", "rsna", "siim", "covidx", "objcxr", "nih")
 
 # ------------------------------------------------------------------------------- ranges, by kind
 PosInt = Annotated[int, Range(1)]  # sizes, epochs, batch sizes, counts: [1, inf)
@@ -80,13 +80,28 @@ def _error(msg: str) -> ParamsError:
 
 
 # ----------------------------------------------------------------------------------------- data
+# The datasets whose split can come from MGCA's files (the keys of mflag/data/mgca.py's FILE_SETS; a test
+# keeps the two in step): not mimic (MGCA pretrains on it) nor nih (not in MGCA's downstream tasks).
+MGCA_SPLIT_DATASETS = ("chexpert", "rsna", "siim", "covidx", "objcxr")
+
+
 @dataclass(frozen=True)
 class DatasetParams:
     root: str  # the folder holding the dataset's official layout (see docs/contracts.md)
     valid_fraction: Share  # share of train-pool patients that go to valid (0 where the split is official)
     test_fraction: Share  # share of patients that go to test (only datasets without an official test set)
+    # own: the pipeline's patient-level split (the two fractions above); mgca: MGCA's split files, read from
+    # data/mgca_splits/<dataset>/ (docs/design.md, "MGCA split files"; the fractions are then unused)
+    split_source: Literal["own", "mgca"]
 
     def validate(self, prefix: str) -> None:
+        dataset = prefix.rsplit(".", 1)[-1]
+        if self.split_source == "mgca" and dataset not in MGCA_SPLIT_DATASETS:
+            why = "pretraining only" if dataset == "mimic" else "not one of MGCA's downstream datasets"
+            raise _error(
+                f"`{prefix}.split_source` is mgca, but MGCA publishes no downstream split for {dataset} ({why}); "
+                f"only {', '.join(MGCA_SPLIT_DATASETS)} take MGCA's split files: set it to own"
+            )
         total = self.valid_fraction + self.test_fraction
         if total >= 1.0:
             raise _error(
@@ -107,6 +122,7 @@ class DataParams:
     siim: DatasetParams
     covidx: DatasetParams
     objcxr: DatasetParams
+    nih: DatasetParams
 
 
 # ----------------------------------------------------------------------------------------- loss
@@ -288,6 +304,8 @@ def _check_encoders(encoders: dict, prefix: str) -> None:
         if not ENCODER_NAME.fullmatch(name):
             raise _error(f"`{prefix}.{name}`: an encoder name is lower-case letters, digits and _, starting with a "
                          "letter (it names stages, folders and metric keys)")
+        if name == "finetune":  # why: models/finetune/ holds the cells' heads, and models/<name>/ is the encoder's
+            raise _error(f"`{prefix}.finetune`: models/finetune/ holds the fine-tuned heads; name the encoder otherwise")
 
 
 # ---------------------------------------------------------------------------------------- stats
@@ -386,6 +404,14 @@ class SynthObjcxr(SynthCommon):
 
 
 @dataclass(frozen=True)
+class SynthNih(SynthCommon):
+    train_val_images: PosInt  # images of the official train_val_list.txt (the split stage draws valid from them)
+    test_images: PosInt  # images of test_list.txt; its patients are not in train_val
+    max_followups: PosInt  # images per patient are drawn uniformly from 1..max_followups (Follow-up # 0, 1, ...)
+    rgba_prob: Prob  # share of PNGs stored as RGBA (grey replicated, opaque), as some of the real ones are
+
+
+@dataclass(frozen=True)
 class SyntheticParams:
     seed: Seed  # the corpus' own seed: changing the training seed does not regenerate the data
     out_dir: str  # where the corpus is written (one folder per dataset key)
@@ -398,6 +424,7 @@ class SyntheticParams:
     siim: SynthSiim
     covidx: SynthCovidx
     objcxr: SynthObjcxr
+    nih: SynthNih
 
 
 # ------------------------------------------------------------------------------------- finetune

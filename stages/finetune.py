@@ -6,10 +6,11 @@ fraction, runs the job's protocol (linear probe, U-Net segmentation or YOLOv3-st
 cell's reports/finetune/<job>-<pct>-<encoder>/: metrics.json (the test metric(s), the best epoch, the number
 of training and test images, the resolved params), bootstrap.csv (the test metric on each of `stats.resamples`
 resamples of the test cases, drawn from `seed` and the job's name: the same resamples for every encoder, so
-collation can pair them) and the per-epoch curves in live/. A subset with a single class stops the cell or
-makes its metric null with a reason (mflag.finetune.checks; docs/contracts.md, "Metrics"). The fractions share
-this process, so the frozen encoder's features that do not depend on the fraction are computed once
-(mflag.finetune.memo).
+collation can pair them) and the per-epoch curves in live/; and the trained head its test metric came from,
+models/finetune/<job>-<pct>-<encoder>/head.safetensors (mflag.finetune.heads, whose load_cell_model rebuilds the
+cell's model from it). A subset with a single class stops the cell or makes its metric null with a reason
+(mflag.finetune.checks; docs/contracts.md, "Metrics"). The fractions share this process, so the frozen
+encoder's features that do not depend on the fraction are computed once (mflag.finetune.memo).
 
     python stages/finetune.py <job> <encoder> [<pct> ...]     (all of 1, 10, 100 by default)
 """
@@ -29,6 +30,7 @@ from mflag.config import to_dict
 from mflag.distributed import resolve_device, resolve_precision
 from mflag.finetune.checks import SubsetError, cell_record, check_subsets, trivial_score
 from mflag.finetune.data import TaskData, load_task_data, fingerprint_test_set
+from mflag.finetune.heads import HEAD_FILE, file_sha256, head_metadata, save_head
 from mflag.finetune.memo import MemoryMemo
 from mflag.encoders import Encoder, EncoderError, encoder, load_encoder
 from mflag.io import atomic_write, open_live, rounded, write_json
@@ -60,7 +62,7 @@ def _evaluator(task: str, state: dict, device: str, seed: int, probes: int) -> t
             if not cfg.augment and "all" not in stored:  # deterministic crops: one pass serves every fraction
                 stored["all"] = encode_features(trunk, data.images, np.arange(len(data.index)), cfg, device)
             return probe_over_seeds(trunk, data, cfg, device, [seed + k for k in range(probes)],
-                                    features=stored.get("all"), log=log)  # fmt: skip
+                                    features=stored.get("all"), log=log, return_head=True)  # fmt: skip
 
         return ClassifyConfig, run
     memo = MemoryMemo()  # valid and test features, the same for every fraction
@@ -68,10 +70,11 @@ def _evaluator(task: str, state: dict, device: str, seed: int, probes: int) -> t
         from mflag.finetune.segment import SegmentConfig, train_segmenter
 
         return SegmentConfig, lambda cfg, data, log: train_segmenter(
-            state, data, cfg, device, seed, log=log, memo=None if cfg.augment else memo)  # fmt: skip
+            state, data, cfg, device, seed, log=log, memo=None if cfg.augment else memo, return_head=True)  # fmt: skip
     from mflag.finetune.detect import DetectConfig, train_detector
 
-    return DetectConfig, lambda cfg, data, log: train_detector(state, data, cfg, device, seed, log=log, memo=memo)
+    return DetectConfig, lambda cfg, data, log: train_detector(state, data, cfg, device, seed, log=log, memo=memo,
+                                                                return_head=True)  # fmt: skip
 
 
 def _check_rows(job: Job, data: TaskData, pct: int) -> None:
@@ -105,6 +108,7 @@ def main(job: Job, name: str, pcts: list[int]) -> None:
         state = load_encoder(enc)
     except EncoderError as err:
         sys.exit(f"error: finetune {job.name}-{name}: {err}")
+    encoder_sha256 = file_sha256(enc.path)  # recorded with each head: its loader checks the encoder is the same
     data = load_task_data(Path("data/cache") / job.dataset, job.dataset, job.task)
     task_params = getattr(ft, job.task)
     config_class, run = _evaluator(job.task, state, device, params.seed, ft.cls.seeds)
@@ -137,6 +141,7 @@ def main(job: Job, name: str, pcts: list[int]) -> None:
         result = run(cfg, fraction, log)
         live.end()
         timing = {k: result.pop(k) for k in TIMING if k in result}
+        head = result.pop("head")
         reps = replicates(result.pop("cases"), resamples)
         record = cell_record(result, job.metric, check.not_evaluable)
         if "not_evaluable" in record:
@@ -145,6 +150,9 @@ def main(job: Job, name: str, pcts: list[int]) -> None:
         if record.get(job.metric) is None:
             reps = np.full(len(reps), np.nan)  # a metric not evaluable has no interval either
         atomic_write(out / "bootstrap.csv", _bootstrap_csv(job.metric, reps))
+        seeds = result["seeds"] if job.task == "cls" else [params.seed]
+        meta = head_metadata(job, pct, enc, encoder_sha256, cfg, head, seeds, fraction.kind)
+        save_head(Path("models/finetune") / cell / HEAD_FILE, head, meta)  # the weights the test metric came from
         write_json(out / "metrics.json", {
             "job": job.name, "pct": pct, "encoder": name, **record,
             "trivial": rounded(trivial_score(fraction, job.task)),  # what a model that learned nothing scores

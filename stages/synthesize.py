@@ -1,4 +1,4 @@
-"""Stage `synthesize`: write the embedded synthetic corpus in the six datasets' official layouts."""
+"""Stage `synthesize`: write the embedded synthetic corpus in the seven datasets' official layouts."""
 
 from __future__ import annotations
 

@@ -43,6 +43,9 @@ TINY_SYNTHETIC = {
              "prevalence": {"pneumothorax": 0.6, "device": 0.2}},
     "covidx": {"train_images": 14, "test_images": 6},
     "objcxr": {"train_images": 14, "dev_images": 6},
+    "nih": {"train_val_images": 24, "test_images": 10, "rgba_prob": 0.3,
+            "prevalence": {"consolidation": 0.4, "atelectasis": 0.3, "effusion": 0.4, "cardiomegaly": 0.3,
+                           "edema": 0.3, "pneumothorax": 0.3, "nodule": 0.4, "device": 0.2}},
 }  # fmt: skip
 
 
@@ -74,7 +77,7 @@ def tiny_corpus(tmp_path_factory) -> Path:
     return out
 
 
-DATASETS = ("mimic", "chexpert", "rsna", "siim", "covidx", "objcxr")
+DATASETS = ("mimic", "chexpert", "rsna", "siim", "covidx", "objcxr", "nih")
 # Tiny pretraining: the real ResNet-50, a few small steps.
 # seed None: the run uses the top-level seed, so its trunk starts from init_random's weights
 TINY_PRETRAIN = {"epochs": 2, "batch_size": 4, "crop": 32, "eval_batch_size": 16, "log_every": 1, "workers": 1,
@@ -100,6 +103,7 @@ def stage_workdir(tiny_corpus, tmp_path_factory) -> Path:
     # a small corpus: larger valid/test shares so every split is populated
     data["rsna"].update(valid_fraction=0.25, test_fraction=0.25)
     data["siim"].update(valid_fraction=0.25, test_fraction=0.25)
+    data["nih"].update(valid_fraction=0.3)
     params = deep_merge(repo_params_dict(), {"data": data, "synthetic": TINY_SYNTHETIC, "pretrain": TINY_PRETRAIN})
     (wd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for ds in DATASETS:

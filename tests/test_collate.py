@@ -23,11 +23,12 @@ import yaml
 from mflag import collate
 from tests.conftest import REPO
 
-JOB_METRIC = {"cls_chexpert": "auc", "cls_rsna": "auc", "cls_covidx": "acc", "seg_siim": "dice", "seg_rsna": "dice",
-              "det_rsna": "map", "det_objcxr": "map"}  # fmt: skip
+JOB_METRIC = {"cls_chexpert": "auc", "cls_rsna": "auc", "cls_covidx": "acc", "cls_nih": "auc", "seg_siim": "dice",
+              "seg_rsna": "dice", "det_rsna": "map", "det_objcxr": "map"}  # fmt: skip
 PCTS = (1, 10, 100)
 COLUMNS = {  # table -> (job, header prefix)
-    "classification": [("cls_chexpert", "CheXpert AUC"), ("cls_rsna", "RSNA AUC"), ("cls_covidx", "COVIDx ACC")],
+    "classification": [("cls_chexpert", "CheXpert AUC"), ("cls_rsna", "RSNA AUC"), ("cls_covidx", "COVIDx ACC"),
+                       ("cls_nih", "NIH ChestX-ray14 AUC")],
     "segmentation": [("seg_siim", "SIIM Dice"), ("seg_rsna", "RSNA Dice")],
     "detection": [("det_rsna", "RSNA mAP"), ("det_objcxr", "Object-CXR mAP")],
 }
@@ -216,6 +217,7 @@ def test_differences_tables_mark_exactly_the_intervals_that_exclude_zero(tmp_pat
 def test_reference_rows_hold_only_sourced_values_in_their_columns(run):
     root, *_ = run
     ref = yaml.safe_load((REPO / "references/paper_reference.yaml").read_text())
+    assert {row["kind"] for row in ref["rows"]} == {"published", "independent"}  # both kinds are on file
     for row in ref["rows"]:
         for table, cols in COLUMNS.items():
             text = (root / f"reports/tables/{table}.md").read_text()
@@ -224,12 +226,41 @@ def test_reference_rows_hold_only_sourced_values_in_their_columns(run):
             if not jobs & set(row["values"]):
                 assert row["label"] not in text
                 continue
+            if "metric" in row:  # another metric: a note with every figure, never a row of the table
+                assert not [k for k in rows if k.startswith(row["label"])]
+                (note,) = [line for line in text.splitlines() if row["label"] in line]
+                assert f"({row['metric']})" in note and row["source"] in note
+                for (job, prefix) in cols:
+                    for value in row["values"].get(job, {}).values():
+                        assert f"{value:.1f}" in note, (job, value)
+                assert ("Independent re-evaluation of M-FLAG" in note) == (row["kind"] == "independent")
+                continue
             (label,) = [k for k in rows if k.startswith(row["label"])]
             for c, ((job, _), p) in enumerate((col, p) for col in cols for p in PCTS):
                 want = row["values"].get(job, {}).get(f"pct{p}")
                 assert rows[label][c] == ("" if want is None else f"{want:.1f}")
             assert row["source"] in text  # the exact source, in the note
+            independent = f"Independent re-evaluation of M-FLAG. {row['label']}:"
+            assert (independent in text) == (row["kind"] == "independent")
     assert "M-FLAG paper" not in json.dumps(ref)  # nothing from elsewhere under the paper's name
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"kind": "reprint"}, "kind: one of published, independent"),
+    ({"metric": "AUC"}, "is the job's own metric"),
+    ({"kind": None}, "must hold key, label, kind"),
+    ({"extra": 1}, "may hold metric"),
+])  # fmt: skip
+def test_a_reference_row_with_a_bad_kind_or_metric_is_refused_with_the_row_named(tmp_path, change, message):
+    path = tmp_path / "ref.yaml"
+    row = {"key": "k", "label": "L", "kind": "independent", "source": "S", "protocol": "P",
+           "values": {"cls_rsna": {"pct1": 50.0}}}  # fmt: skip
+    row.update(change)
+    row = {k: v for k, v in row.items() if v is not None}
+    path.write_text(yaml.safe_dump({"rows": [row]}))
+    with pytest.raises(collate.CollateError, match=r"rows\[0\]") as err:
+        collate.read_reference(path)
+    assert message in str(err.value)
 
 
 def test_missing_cells_render_as_dashes_and_warn(tmp_path):
@@ -250,7 +281,7 @@ def test_a_listed_encoder_adds_its_row_and_an_unlisted_folder_is_ignored(tmp_pat
     write_cell(tmp_path, "cls_rsna", 1, "old", 0.99, None)  # an earlier experiment's encoder, no longer listed
     collated(tmp_path)
     _, rows = md_rows((tmp_path / "reports/tables/classification.md").read_text())
-    assert [k for k in rows if not k.startswith("M-FLAG as")] == [LABELS[e] for e in (*ENCODERS, "imagenet")]
+    assert [k for k in rows if "[^ref" not in k] == [LABELS[e] for e in (*ENCODERS, "imagenet")]  # then references
     plot = pd.read_csv(tmp_path / "reports/plots/fraction/cls_rsna.csv")
     assert list(plot.columns) == ["pct", "encoder", "value", "lo", "hi"]
     assert set(plot["encoder"]) == {*ENCODERS, "imagenet"}
@@ -270,14 +301,15 @@ def test_claim_b_counts_ahead_only_where_the_paired_interval_excludes_zero(tmp_p
     reps = {k: v + shared[k[0]] + rng.normal(0, 0.005, B) for k, v in cells.items()}
     make_project(tmp_path, cells, reps)
     collated(tmp_path)
-    assert "**supported**" in _claims(tmp_path)["(b)"] and "ahead in 42" in _claims(tmp_path)["(b)"]
+    n = len(JOB_METRIC) * len(PCTS) * (len(ENCODERS) - 1)  # comparisons: job x fraction x other encoder
+    assert "**supported**" in _claims(tmp_path)["(b)"] and f"ahead in {n}" in _claims(tmp_path)["(b)"]
     # one comparison within chance: M-FLAG 0.61 vs ConVIRT 0.6 with wide unshared noise
     cells[("det_rsna", 1, "mflag")] = 0.61
     reps[("det_rsna", 1, "mflag")] = 0.61 + rng.normal(0, 0.05, B)
     make_project(tmp_path, cells, reps)
     collated(tmp_path)
     b = _claims(tmp_path)["(b)"]
-    assert "**not supported**" in b and "ahead in 40" in b and "within chance in 2" in b
+    assert "**not supported**" in b and f"ahead in {n - 2}" in b and "within chance in 2" in b
     assert "- det_rsna at 1% vs ConVIRT-style: +1.0" in b
     # both at 0 on every resample (a detector that finds nothing): equal, not "within chance"
     for enc in ENCODERS:

@@ -80,6 +80,31 @@ def test_cell_trains_on_exactly_its_fraction(workdir, job, pct, metric):
     # no timing and no Git revision in the outputs: identical runs must give identical bytes (dvc.lock)
     for key in ("seconds", "feature_seconds", "train_images_per_second", "git_revision"):
         assert key not in out and key not in live, key
+    _head_gives_the_metric(workdir, job, pct, data, out[metric])
+
+
+def _head_gives_the_metric(wd, job: str, pct: int, data, value) -> None:
+    """The cell's head file, loaded back (its encoder found from the recorded path, next to the head), predicts the
+    test images so that the evaluator's metric on those predictions is the one metrics.json holds."""
+    from mflag.finetune import detect, segment
+    from mflag.finetune.classify import _metrics
+    from mflag.finetune.heads import load_cell_model, predict
+
+    model = load_cell_model(wd / f"models/finetune/{job}-{pct}-random/head.safetensors")
+    meta, cfg, test = model.cell.meta, model.cell.config, data.test_rows
+    assert (meta["job"], meta["pct"], meta["encoder"]["name"]) == (job, pct, "random")
+    if model.cell.task == "cls":
+        logits = predict(model, data.images)[:, test]  # every row, in the stage's feature batches
+        got = np.mean([_metrics(data.kind, data.labels[test], z)[JOBS[job].metric] for z in logits])
+    elif model.cell.task == "seg":
+        logits = torch.from_numpy(predict(model, data.images[test]))
+        _, masks = segment._resize(*(torch.from_numpy(np.asarray(a[test])) for a in (data.images, data.masks)),
+                                   cfg.input_size)  # fmt: skip
+        got = segment.dice_per_image((torch.sigmoid(logits) > segment.THRESHOLD).numpy(), masks[:, 0].numpy()).mean()
+    else:
+        truths = detect._scaled_truths(data.boxes, test, cfg.input_size / data.images.shape[-1])
+        got = detect.coco_map(predict(model, data.images[test]), truths, cfg.iou_thresholds, cfg.drop_empty_test)
+    assert (value is None and np.isnan(got)) or got == pytest.approx(value, rel=1e-9, abs=1e-12)
 
 
 def _finetune(wd, *args: str) -> subprocess.CompletedProcess:
@@ -168,12 +193,13 @@ def test_bad_cell_arguments_print_usage(workdir):
     assert proc.returncode != 0 and "usage" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _cell_outputs(wd, job: str) -> dict[int, tuple[bytes, bytes]]:
+def _cell_outputs(wd, job: str) -> dict[int, tuple[bytes, bytes, bytes]]:
     out = {}
     for pct in (1, 10, 100):
         folder = wd / f"reports/finetune/{job}-{pct}-random"
         live = b"".join(p.read_bytes() for p in sorted((folder / "live").rglob("*")) if p.is_file())
-        out[pct] = ((folder / "metrics.json").read_bytes(), live)
+        head = (wd / f"models/finetune/{job}-{pct}-random/head.safetensors").read_bytes()
+        out[pct] = ((folder / "metrics.json").read_bytes(), live, head)
     return out
 
 

@@ -43,7 +43,7 @@ def test_paper_params_hold_the_papers_values():
     p = load(PAPER)  # the typed loader every stage uses (load_or_exit wraps it)
     assert p.data.image_size == 256
     assert p.data.mimic.root == "/data/mimic-cxr-jpg/2.0.0"
-    assert all(getattr(p.data, ds).root.startswith("/data/") for ds in ("chexpert", "rsna", "siim", "covidx", "objcxr"))
+    assert all(getattr(p.data, ds).root.startswith("/data/") for ds in ("chexpert", "rsna", "siim", "covidx", "objcxr", "nih"))
     assert p.loss.ortho_weight == 1.0 and p.loss.ortho_offdiag_weight == pytest.approx(0.0051)
     assert p.model.text.name_or_path == "microsoft/BiomedVLP-CXR-BERT-general"
     # shipped with remote code off: no commit of CXR-BERT has been reviewed and pinned (see the file's top)

@@ -22,7 +22,7 @@ def test_repository_params_load():
     p = load(REPO / "params.yaml")
     assert isinstance(p, Params)
     assert p.loss.ortho_weight == 1.0 and p.loss.ortho_offdiag_weight == pytest.approx(0.0051)
-    for ds in ("mimic", "chexpert", "rsna", "siim", "covidx", "objcxr"):
+    for ds in ("mimic", "chexpert", "rsna", "siim", "covidx", "objcxr", "nih"):
         assert getattr(p.data, ds).root
 
 

@@ -94,7 +94,7 @@ def test_stage_deps_cover_the_library_files_it_imports(name, stage, key, item):
 def test_per_dataset_stages_load_only_their_own_reader():
     """split@rsna must not load the CheXpert reader: its deps name mflag/data/rsna.py only."""
     loaded = _loaded_files(tuple(_named_modules("stages/split.py") + ["mflag.data.rsna"]))
-    readers = {f"mflag/data/{ds}.py" for ds in ("mimic", "chexpert", "rsna", "siim", "covidx", "objcxr")}
+    readers = {f"mflag/data/{ds}.py" for ds in ("mimic", "chexpert", "rsna", "siim", "covidx", "objcxr", "nih")}
     assert loaded & readers == {"mflag/data/rsna.py"}
 
 
@@ -115,7 +115,8 @@ def test_dvc_yaml_follows_the_job_table():
         assert stage["matrix"] == {"dataset": datasets, "encoder": "${encoders}"}
         assert stage["cmd"] == f"python stages/finetune.py {task}_${{item.dataset}} ${{item.encoder}}"
         cells = [f"reports/finetune/{task}_${{item.dataset}}-{p}-${{item.encoder}}" for p in PCTS]
-        assert stage["outs"] == [f"{c}/{f}" for c in cells for f in ("live", "bootstrap.csv")]
+        heads = [f"models/finetune/{task}_${{item.dataset}}-{p}-${{item.encoder}}/head.safetensors" for p in PCTS]
+        assert stage["outs"] == [f"{c}/{f}" for c in cells for f in ("live", "bootstrap.csv")] + heads
         assert stage["metrics"] == [f"{c}/metrics.json" for c in cells]
         assert "data/cache/${item.dataset}" in stage["deps"] and "data/cache" not in stage["deps"]
         assert stage["params"] == ["seed", "finetune.device", "finetune.precision", f"finetune.{task}",

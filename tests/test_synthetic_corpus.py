@@ -119,11 +119,18 @@ def test_dicom_semantics_make_lungs_darker_than_the_mediastinum(tiny_corpus):
 def test_every_image_file_opens(tiny_corpus):
     images = [p for p in tiny_corpus.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
     assert len(images) > 60
+    modes = []
     for path in images:
         with Image.open(path) as im:
             im.load()
-            assert im.mode == "L" and min(im.size) >= 64
+            nih = path.relative_to(tiny_corpus).parts[0] == "nih"  # some NIH PNGs are RGBA, as real ones are
+            assert im.mode in (("L", "RGBA") if nih else ("L",)) and min(im.size) >= 64
             assert im.format == ("PNG" if path.suffix == ".png" else "JPEG")
+            if im.mode == "RGBA":  # grey in RGB, opaque
+                px = np.asarray(im)
+                assert (px[..., 0] == px[..., 1]).all() and (px[..., 0] == px[..., 2]).all() and (px[..., 3] == 255).all()
+            modes.append(im.mode)
+    assert "RGBA" in modes
 
 
 def test_mimic_layout_and_tables(tiny_corpus):
@@ -294,6 +301,15 @@ def test_another_seed_gives_other_images(tmp_path):
     b = generate(params_with(override).synthetic, tmp_path / "b", datasets=("rsna",), progress=False)
     assert a == b == {"rsna": 24}
     assert _digest(tmp_path / "a" / "rsna") != _digest(tmp_path / "b" / "rsna")
+
+
+def test_a_dataset_s_bytes_do_not_depend_on_the_others_generated_with_it(tiny_corpus, tmp_path):
+    """Each dataset draws from its own stream (DATASET_INDEX): objcxr alone gives the bytes it has beside the
+    six others (NIH, added last, included), truth file and all."""
+    generate(params_with({"synthetic": {**TINY_SYNTHETIC, "workers": 1}}).synthetic, tmp_path, datasets=("objcxr",),
+             progress=False)  # fmt: skip
+    assert _digest(tmp_path / "objcxr") == _digest(tiny_corpus / "objcxr")
+    assert (tmp_path / "truth/objcxr.jsonl").read_bytes() == (tiny_corpus / "truth/objcxr.jsonl").read_bytes()
 
 
 @pytest.mark.parametrize("ds", ["mimic", "rsna"])

@@ -4,7 +4,7 @@
 pretrain, the -mflag cells and collate, and `dvc exp run -S convirt.temperature=0.2` (a baseline-only param)
 exactly pretrain_convirt, the -convirt cells and collate; `dvc metrics diff` must show the moved run's keys and
 no random key; `dvc exp show`, `dvc params diff` and `dvc plots diff` must succeed. This runs the real dvc.yaml
-(21 fine-tune entries, 63 cells) at toy sizes, so it takes several minutes.
+(24 fine-tune entries, 72 cells) at toy sizes, so it takes several minutes.
 """
 
 from __future__ import annotations
@@ -51,13 +51,14 @@ def repo(tmp_path_factory) -> Path:
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
                            check=True).stdout.decode().split("\0")  # fmt: skip
     skip = ("reports/", "data/", "models/", "dvc.lock")  # the outputs of the real run are rebuilt here
+    keep = ("data/mgca_splits/",)  # inputs, not outputs: split@<dataset> depends on data/mgca_splits/<dataset>/
     for rel in filter(None, files):
-        if rel.startswith(skip) or not (REPO / rel).is_file():
+        if (rel.startswith(skip) and not rel.startswith(keep)) or not (REPO / rel).is_file():
             continue
         (wd / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, wd / rel)
     data = {"image_size": 40}  # toy corpus: large valid / test shares so that no split is empty
-    for ds in ("chexpert", "covidx", "objcxr"):
+    for ds in ("chexpert", "covidx", "objcxr", "nih"):
         data[ds] = {"valid_fraction": 0.3}
     for ds in ("rsna", "siim"):
         data[ds] = {"valid_fraction": 0.25, "test_fraction": 0.25}

@@ -1,4 +1,4 @@
-"""Readers for the on-disk layouts of the six chest X-ray datasets, and image decoding.
+"""Readers for the on-disk layouts of the seven chest X-ray datasets, and image decoding.
 
 Each dataset's reader lives in its own module, ``mflag.data.<dataset>.read_<dataset>``, and this package
 imports none of them: a stage imports only the reader it runs, so its DVC deps (``mflag/data/${key}.py``)
@@ -18,6 +18,10 @@ LABEL_COLUMNS: dict[str, tuple[str, ...]] = {
     "siim": ("target",),
     "covidx": ("label",),
     "objcxr": ("target",),
+    "nih": (
+        "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+        "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+    ),  # fmt: skip
 }
 
 

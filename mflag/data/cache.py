@@ -30,7 +30,7 @@ from mflag.data.images import read_image_uint8
 from mflag.data.split import SPLIT_COLUMNS, write_split_csv
 from mflag.data.table import OUTSIDE_ROOT, DataError, DatasetTable, escapes_root
 
-DATASETS = ("mimic", "chexpert", "rsna", "siim", "covidx", "objcxr")
+DATASETS = ("mimic", "chexpert", "rsna", "siim", "covidx", "objcxr", "nih")
 MASK_DATASETS = ("rsna", "siim")  # rsna: union of filled boxes; siim: decoded RLE
 BOX_DATASETS = ("rsna", "objcxr")
 MISSING_FILE = "missing file"

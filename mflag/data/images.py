@@ -1,4 +1,4 @@
-"""Read any image of the six datasets (PNG / JPEG / DICOM) as a 2-D uint8 array."""
+"""Read any image of the seven datasets (PNG / JPEG / DICOM) as a 2-D uint8 array."""
 
 from __future__ import annotations
 

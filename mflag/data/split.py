@@ -173,12 +173,18 @@ def assign_splits(
     train = df["split"] == "train"
     df.loc[train, "pct"] = _nested_pct(df[train], spec, seed)
 
-    # Sort with Python's own string order: no dependence on pandas' sort implementation.
+    return order_split_frame(df, label_columns), dropped
+
+
+def order_split_frame(df: pd.DataFrame, label_columns: Sequence[str]) -> pd.DataFrame:
+    """The split file's columns, rows sorted by split (train, valid, test) then image_id, then path.
+
+    Sorted with Python's own string order: no dependence on pandas' sort implementation.
+    """
     rank = {s: i for i, s in enumerate(SPLITS)}
     keys = list(zip(df["split"].map(rank), df["image_id"], df["path"], range(len(df))))
     order = [k[-1] for k in sorted(keys)]
-    out = df.iloc[order][list(SPLIT_COLUMNS) + label_columns].reset_index(drop=True)
-    return out, dropped
+    return df.iloc[order][list(SPLIT_COLUMNS) + list(label_columns)].reset_index(drop=True)
 
 
 def _tally(table: DatasetTable) -> str:

@@ -1,8 +1,8 @@
 """Linear-probe classification on a frozen image encoder (the MGCA protocol M-FLAG follows).
 
-Jobs ``cls_chexpert`` (5 labels, multi-label, BCE-with-logits, macro AUC), ``cls_rsna`` (1 label, BCE,
-AUC) and ``cls_covidx`` (3 classes, cross-entropy, accuracy). The whole encoder is frozen, batch-norm
-statistics included (``requires_grad_(False)`` and ``eval()`` at every step); only a linear layer
+Jobs ``cls_chexpert`` (5 labels, multi-label, BCE-with-logits, macro AUC), ``cls_nih`` (14 labels, the
+same), ``cls_rsna`` (1 label, BCE, AUC) and ``cls_covidx`` (3 classes, cross-entropy, accuracy). The whole
+encoder is frozen, batch-norm statistics included (``requires_grad_(False)`` and ``eval()`` at every step); only a linear layer
 ``feature_dim -> classes`` is trained with ``torch.optim.AdamW``. Early stopping on the validation loss
 (``patience`` epochs without a strict improvement); the test metrics are those of the head with the lowest
 validation loss. AUCs are scikit-learn's ``roc_auc_score``.
@@ -47,6 +47,7 @@ from sklearn.metrics import roc_auc_score
 
 from mflag.augment import center_crop_normalize
 from mflag.finetune.data import HALF, check_normalisation, renormalise
+from mflag.models import FEATURE_DIM, resnet50_trunk
 
 if TYPE_CHECKING:
     from mflag.finetune.data import TaskData
@@ -55,7 +56,10 @@ if TYPE_CHECKING:
 __all__ = [
     "ClassifyConfig",
     "KINDS",
+    "LinearProbes",
     "ProbeCases",
+    "ProbeClassifier",
+    "build_classifier",
     "encode_features",
     "linear_probe",
     "probe_over_seeds",
@@ -516,8 +520,8 @@ def _linear_probe(
     progress: bool,
     cache_features: bool,
     channels_last: bool,
-) -> tuple[dict, np.ndarray]:
-    """:func:`linear_probe`'s result and the best head's test logits (n_test, K) float32."""
+) -> tuple[dict, np.ndarray, nn.Linear]:
+    """:func:`linear_probe`'s result, the best head's test logits (n_test, K) float32 and that head."""
     device = torch.device(device)
     kind, images_u8 = data.kind, data.images
     rows, (y_train, y_valid, y_test), n_out = _probe_inputs(data, features, device)
@@ -591,7 +595,7 @@ def _linear_probe(
     out = _metrics(kind, y_test.cpu().numpy(), test_logits)
     out.update(best_epoch=int(best["epoch"]), epochs_run=int(epoch), n_train=int(len(train_rows)),
                best_valid_loss=float(best["loss"]))  # fmt: skip
-    return out, test_logits
+    return out, test_logits, head
 
 
 def _head_losses(kind: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -612,6 +616,61 @@ def _heads_logits(weight: torch.Tensor, bias: torch.Tensor, feats: torch.Tensor,
     return z.view(len(feats), heads, k).transpose(0, 1)
 
 
+class LinearProbes(nn.Module):
+    """P linear probes on the same features: ``weight`` (P, K, D), ``bias`` (P, K); ``forward(features (N, D))``
+    -> logits (P, N, K). What a cell trains (one probe per seed) and what its head file holds
+    (mflag.finetune.heads); not trained as a module (the probes train as two stacked tensors)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        if weight.dim() != 3 or tuple(bias.shape) != tuple(weight.shape[:2]):
+            raise ValueError(f"LinearProbes: weight (P, K, D) and bias (P, K), got {tuple(weight.shape)}, {tuple(bias.shape)}")
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+        return _heads_logits(self.weight, self.bias, features, batch_size)
+
+
+class ProbeClassifier(nn.Module):
+    """A cell's classifier: the frozen ``trunk`` and its :class:`LinearProbes` (``probes``), for ``cfg``'s inputs.
+
+    ``forward(x)``: crops (B, 3, c, c) normalised with mean = std = 0.5, as :func:`~mflag.augment.center_crop_normalize`
+    gives them, -> logits (P, B, K), through the evaluator's own encoder path (``cfg.mean`` / ``cfg.std``,
+    ``cfg.upsample``, ``cfg.precision``). ``predict(images_u8)``: the cell's evaluation path on uint8 (N, S, S)
+    images (centre crops, :func:`encode_features`), logits (P, N, K) float32 as numpy."""
+
+    def __init__(self, trunk: nn.Module, probes: LinearProbes, cfg: ClassifyConfig):
+        super().__init__()
+        self.trunk, self.probes, self.cfg = trunk, probes, cfg
+        _freeze(trunk)
+
+    def train(self, mode: bool = True) -> "ProbeClassifier":
+        super().train(mode)
+        _freeze(self.trunk)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.probes(_trunk_forward(self.trunk, x, self.cfg, channels_last=True), self.cfg.eval_batch_size)
+
+    @torch.no_grad()
+    def predict(self, images_u8: np.ndarray) -> np.ndarray:
+        device = self.probes.weight.device
+        feats = encode_features(self.trunk, images_u8, np.arange(len(images_u8)), self.cfg, device, progress=False)
+        return self.probes(torch.from_numpy(feats).to(device), self.cfg.eval_batch_size).float().cpu().numpy()
+
+
+def build_classifier(trunk_state: dict[str, torch.Tensor], n_probes: int, n_out: int, cfg: ClassifyConfig,
+                     feature_dim: int = FEATURE_DIM) -> ProbeClassifier:  # fmt: skip
+    """The classifier of a cell's head file before its probes are loaded: a ResNet-50 trunk holding
+    ``trunk_state`` (as the stage builds it), frozen, and ``n_probes`` zero probes ``feature_dim -> n_out``."""
+    with torch.device("meta"):  # no random init of 25M weights that are overwritten at once
+        trunk = resnet50_trunk()
+    trunk.load_state_dict({k: v.detach().clone() for k, v in trunk_state.items()}, assign=True)
+    probes = LinearProbes(torch.zeros(n_probes, n_out, feature_dim), torch.zeros(n_probes, n_out))
+    return ProbeClassifier(trunk, probes, cfg)
+
+
 def _probe_heads(
     f_train: torch.Tensor,
     y_train: torch.Tensor,
@@ -624,13 +683,13 @@ def _probe_heads(
     cfg: ClassifyConfig,
     seeds: list[int],
     log: Callable[[dict], None] | None,
-) -> tuple[list[dict], np.ndarray]:
+) -> tuple[list[dict], np.ndarray, LinearProbes]:
     """:func:`linear_probe`'s cached-feature path for several seeds at once: one head per seed, with that
     seed's init, batch order and early stopping, the heads stacked into one (S, K, D) weight so that a step
     is one batched product instead of S small ones (AdamW is element-wise, so the heads stay independent).
     A head that has stopped leaves the batch. Equal to S separate probes up to floating-point summation
-    order (tests/test_classify.py). ``log`` receives the first seed's curve. Returns each seed's result and
-    the heads' test logits (S, n_test, K) float32."""
+    order (tests/test_classify.py). ``log`` receives the first seed's curve. Returns each seed's result, the
+    heads' test logits (S, n_test, K) float32 and the heads of the best epochs (:class:`LinearProbes`)."""
     heads, n, d_in = len(seeds), len(f_train), f_train.shape[1]
     inits = [_init_head(d_in, n_out, torch.Generator().manual_seed(s)) for s in seeds]
     weight = nn.Parameter(torch.stack([h.weight.detach() for h in inits]).to(f_train.device))
@@ -691,8 +750,9 @@ def _probe_heads(
     for h in range(heads):
         if stopped[h] is None:
             stop(h, epoch)
+    best = LinearProbes(best_w, best_b)
     with torch.no_grad():
-        z_test = _heads_logits(best_w, best_b, f_test, cfg.eval_batch_size).float().cpu().numpy()
+        z_test = best(f_test, cfg.eval_batch_size).float().cpu().numpy()
     y_test_np = y_test.cpu().numpy()
     runs = []
     for h in range(heads):
@@ -700,7 +760,7 @@ def _probe_heads(
         out.update(best_epoch=int(best_epoch[h]), epochs_run=int(stopped[h]), n_train=int(n),
                    best_valid_loss=float(best_loss[h]))  # fmt: skip
         runs.append(out)
-    return runs, z_test
+    return runs, z_test, best
 
 
 def probe_over_seeds(
@@ -713,6 +773,7 @@ def probe_over_seeds(
     log: Callable[[dict], None] | None = None,
     *,
     progress: bool = True,
+    return_head: bool = False,
 ) -> dict:
     """:func:`linear_probe` once per seed in ``seeds``, on the same data; the cell reports the mean.
 
@@ -723,7 +784,9 @@ def probe_over_seeds(
     standard deviation over seeds, with two seeds or more), ``n_train``, ``seeds``, ``per_seed``: each
     seed's own result (as :func:`linear_probe` returns it, plus ``seed``), and ``cases``: the test evidence
     (:class:`ProbeCases`, test cases in ``data.test_rows`` order) for :func:`mflag.stats.replicates`. ``log``
-    receives the curves of the first seed only.
+    receives the curves of the first seed only. ``return_head``: also ``head``, the probes of the best epochs, which gave the
+    test logits of ``cases``: ``probes.weight`` (P, K, D) and ``probes.bias`` (P, K), one per seed in ``seeds``
+    order, on the CPU (the state of :class:`ProbeClassifier` without its frozen trunk).
     """
     if not seeds:
         raise ValueError("probe_over_seeds needs at least one seed")
@@ -736,13 +799,15 @@ def probe_over_seeds(
     if cfg.augment or features is None:  # each seed's training crops go through the encoder
         probes = [_linear_probe(trunk, data, cfg, device, s, features, log if i == 0 else None, progress=progress,
                                 cache_features=True, channels_last=True) for i, s in enumerate(seeds)]  # fmt: skip
-        results = [r for r, _ in probes]
-        test_logits = np.stack([z for _, z in probes])
+        results = [r for r, _, _ in probes]
+        test_logits = np.stack([z for _, z, _ in probes])
+        heads = LinearProbes(torch.stack([h.weight.detach() for _, _, h in probes]),
+                             torch.stack([h.bias.detach() for _, _, h in probes]))  # fmt: skip
     else:  # cached features: the heads train together
         device = torch.device(device)
         rows, y, n_out = _probe_inputs(data, features, device)
         f = [_stored_features(features, r, device) for r in rows]
-        results, test_logits = _probe_heads(f[0], y[0], f[1], y[1], f[2], y[2], kind, n_out, cfg, seeds, log)
+        results, test_logits, heads = _probe_heads(f[0], y[0], f[1], y[1], f[2], y[2], kind, n_out, cfg, seeds, log)
     runs = [{"seed": s, **r} for s, r in zip(seeds, results)]
     out: dict = {}
     for name in ("auc", "acc"):
@@ -758,4 +823,6 @@ def probe_over_seeds(
     out.update(n_train=runs[0]["n_train"], seeds=[r["seed"] for r in runs], per_seed=runs)
     test_rows = np.asarray(data.test_rows, dtype=np.int64).reshape(-1)
     out["cases"] = _probe_cases(kind, _targets(data.labels, kind)[0][torch.from_numpy(test_rows)].numpy(), test_logits)
+    if return_head:  # keyed as in ProbeClassifier's state dict
+        out["head"] = {f"probes.{k}": v.detach().cpu() for k, v in heads.state_dict().items()}
     return out

@@ -568,6 +568,7 @@ def train_detector(
     log: Callable[[dict], None] | None = None,
     return_model: bool = False,
     memo: FeatureMemo | None = None,
+    return_head: bool = False,
 ) -> dict:
     """Train the YOLOv3 neck/head on the frozen trunk and score the test rows.
 
@@ -582,6 +583,7 @@ def train_detector(
     "seconds").
     `memo`: called as ``memo("valid" | "test", compute)``, may return a stored result of ``compute()`` (the
     frozen trunk's maps of that split, which every fraction of a job shares) instead of calling it.
+    `return_head`: also "head", the state of the tested neck and head (the detector's keys ``head.*``, on the CPU).
     """
     device = torch.device(device)
     _autocast_dtype(cfg.precision)
@@ -674,6 +676,8 @@ def train_detector(
         "train_images_per_second": train_seen / train_time if train_time > 0 else float("nan"),
         "cases": DetectionCases.of(test_preds, test_truths, cfg.iou_thresholds, cfg.drop_empty_test),
     }
+    if return_head:
+        result["head"] = {f"head.{k}": v.detach().cpu().clone() for k, v in head.state_dict().items()}
     if return_model:
         result["model"] = model.cpu()
     return result

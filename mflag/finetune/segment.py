@@ -40,6 +40,7 @@ __all__ = [
     "SegmentConfig",
     "ShiftScaleRotate",
     "build_unet",
+    "segment_images",
     "dice_per_image",
     "focal_loss",
     "soft_dice",
@@ -292,6 +293,24 @@ def _decoder_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
 
 
+@torch.no_grad()
+def segment_images(model: nn.Module, images_u8: np.ndarray, cfg: SegmentConfig) -> torch.Tensor:
+    """Mask logits (N, 1, s, s) float32 (s = ``cfg.input_size``) of uint8 (N, S, S) images, as the evaluator
+    predicts its test images: resized, normalised, ``model`` in eval mode, batches of ``cfg.eval_batch_size``,
+    in ``cfg.precision``, on the model's device. A pixel is foreground where sigmoid(logit) > THRESHOLD."""
+    model.eval()
+    device = next(model.parameters()).device
+    channels_last = cfg.precision == "bf16"
+    amp = torch.bfloat16 if channels_last else None
+    out = []
+    for i in range(0, len(images_u8), cfg.eval_batch_size):
+        u8 = torch.from_numpy(np.ascontiguousarray(images_u8[i : i + cfg.eval_batch_size])).to(device)
+        x, _ = _resize(u8, u8, cfg.input_size)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out.append(model(_normalise(x, cfg, channels_last)).float())
+    return torch.cat(out) if out else torch.zeros((0, 1, cfg.input_size, cfg.input_size), device=device)
+
+
 def train_segmenter(
     trunk_state: dict[str, torch.Tensor],
     data: TaskData,
@@ -300,6 +319,7 @@ def train_segmenter(
     seed: int,
     log: Callable[[dict], None] | None = None,
     memo: FeatureMemo | None = None,
+    return_head: bool = False,
 ) -> dict:
     """Fine-tune a U-Net decoder on a frozen encoder; test the epoch with the lowest validation loss.
 
@@ -310,7 +330,8 @@ def train_segmenter(
     order, whose mean is ``dice``. ``log`` receives one dict per epoch,
     with its ``"epoch"``. ``memo``, called as ``memo("valid" | "test", compute)``, may return a stored result
     of ``compute()`` (the frozen encoder's features and the resized masks of that split, which every
-    fraction of a job shares) instead of calling it.
+    fraction of a job shares) instead of calling it. ``return_head``: also ``head``, the state of the tested
+    decoder and head (every key of the model but ``encoder.*``, on the CPU).
     """
     if data.masks is None:
         raise ValueError(f"train_segmenter: the {data.dataset} task data has no masks")
@@ -426,10 +447,13 @@ def train_segmenter(
     missing, unexpected = model.load_state_dict(best["state"], strict=False)
     assert not unexpected and all(k.startswith("encoder.") for k in missing), (missing, unexpected)
     test_dice = np.concatenate([_dice(logits, m) for logits, m in predict("test", cfg.eval_batch_size)])
-    return {
+    out = {
         "dice": float(test_dice.mean()),
         "best_epoch": best["epoch"],
         "epochs_run": epochs_run,
         "n_train": int(len(train_rows)),
         "cases": test_dice.astype(np.float64),
     }
+    if return_head:
+        out["head"] = {k: v.cpu() for k, v in best["state"].items()}
+    return out

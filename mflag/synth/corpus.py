@@ -1,4 +1,4 @@
-"""The embedded synthetic corpus: six datasets written in their official on-disk layouts.
+"""The embedded synthetic corpus: seven datasets written in their official on-disk layouts.
 
 `plan_<dataset>` draws every study's ground truth (a :class:`~mflag.synth.world.Case`) in the main
 process and returns the images to draw; worker processes render and write the images; then
@@ -29,7 +29,8 @@ from mflag.synth.render import Rendering, Style, render
 from mflag.synth.reports import CHEXPERT_LABELS, write_report
 from mflag.synth.world import Case, Finding, sample_findings, sample_indication
 
-DATASET_INDEX = {"mimic": 1, "chexpert": 2, "rsna": 3, "siim": 4, "covidx": 5, "objcxr": 6}
+# each dataset draws from its own stream, default_rng([seed, index]): adding one changes no other's bytes
+DATASET_INDEX = {"mimic": 1, "chexpert": 2, "rsna": 3, "siim": 4, "covidx": 5, "objcxr": 6, "nih": 7}
 CHEXPERT_COLUMNS = (  # the real CheXpert train.csv / valid.csv column order
     "Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Enlarged Cardiomediastinum",
     "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis",
@@ -65,7 +66,7 @@ def _draw(job: Job) -> Result:
     if job.dicom is not None:
         files.atomic_write_bytes(job.path, files.dicom_bytes(r.image, **job.dicom))
     else:
-        files.write_image(job.path, r.image)
+        files.write_image(job.path, r.image, rgba=bool(job.meta.get("rgba")))
     rles = []
     if r.ptx_mask is not None and r.ptx_mask.any():
         # some annotators drew a pneumothorax in pieces: split it into an upper and a lower row
@@ -132,6 +133,7 @@ def _truth_row(job: Job, res: Result | None = None) -> dict:
     }
     if res is not None and res.lungs:
         row["lungs"] = res.lungs
+    row.update(job.meta.get("truth", {}))  # what a dataset's labels need beyond the findings (nih: infectious)
     return row
 
 
@@ -412,6 +414,93 @@ def finish_objcxr(cfg, root: Path, jobs: list[Job], results: list[Result], extra
         files.atomic_write_bytes(root / f"{part}.csv", files.csv_bytes(["image_name", "annotation"], rows))
 
 
+# ------------------------------------------------------------------------------ NIH ChestX-ray14
+NIH_LABELS = (  # the 14 labels, in the order of the NIH paper (and of mflag.data.nih.LABELS)
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+    "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)  # fmt: skip
+NIH_HEADER = [  # Data_Entry_2017.csv as released: the bracketed names split at their commas, a trailing comma
+    "Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender", "View Position",
+    "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]", "",
+]  # fmt: skip
+NIH_BBOX_HEADER = ["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]", "", "", ""]  # BBox_List_2017.csv
+NIH_FOLDER_IMAGES = 1000  # images per images_NNN/images/ folder, in Image Index order (real: 10,000)
+
+
+def nih_labels(findings) -> list[str]:
+    """The NIH labels of a study's findings (``Finding`` objects), in NIH_LABELS order.
+
+    consolidation -> Consolidation, and Pneumonia where it is infectious; covid -> Pneumonia; atelectasis,
+    effusion, cardiomegaly, edema, pneumothorax -> the label of that name; nodule -> Nodule (small or moderate:
+    under 3 cm) or Mass (large; the world draws no large nodule, so Mass stays 0). Support devices and foreign
+    objects have no NIH label. Infiltration, Emphysema, Fibrosis, Pleural_Thickening and Hernia are findings the
+    world cannot draw: 0 in every synthetic image (the macro AUC skips a label with one class in test).
+    Hedged findings count: the labels are the truth, not a report's reading of it.
+    """
+    out = set()
+    for f in findings:
+        if f.kind == "consolidation":
+            out |= {"Consolidation", "Pneumonia"} if f.infectious else {"Consolidation"}
+        elif f.kind == "covid":
+            out.add("Pneumonia")
+        elif f.kind == "effusion":
+            out.add("Effusion")
+        elif f.kind in ("atelectasis", "cardiomegaly", "edema", "pneumothorax"):
+            out.add(f.kind.capitalize())
+        elif f.kind == "nodule":
+            out.add("Mass" if f.size == "large" else "Nodule")
+    return [k for k in NIH_LABELS if k in out]
+
+
+def plan_nih(cfg, seed: int, root: Path) -> tuple[list[Job], dict]:
+    """Patients 1, 2, ... with 1..max_followups images each (``<patient:08d>_<follow-up:03d>.png``); the first
+    patients fill train_val_list.txt, the next ones test_list.txt (patient-disjoint, as the official lists)."""
+    rng = np.random.default_rng([seed, DATASET_INDEX["nih"]])
+    jobs, patient, k_image = [], 0, 0
+    for part, n in (("train_val", cfg.train_val_images), ("test", cfg.test_images)):
+        i = 0
+        while i < n:
+            patient += 1
+            first: Case | None = None
+            for followup in range(min(int(rng.integers(1, cfg.max_followups + 1)), n - i)):
+                name = f"{patient:08d}_{followup:03d}.png"
+                case = _case(rng, cfg, str(patient), name, _frontal_view(rng, cfg), exclude=("foreign_object",))
+                if first is None:
+                    first = case
+                else:  # one patient: the same sex and age on every follow-up (NIH ages are per image; close enough)
+                    case = dataclasses.replace(case, sex=first.sex, age=first.age)
+                rel = f"images_{k_image // NIH_FOLDER_IMAGES + 1:03d}/images/{name}"
+                w, h = _size(cfg, rng)
+                original = [int(v) for v in rng.integers(2000, 3057, size=2)]  # width, height before NIH's resize
+                spacing = (0.139, 0.143, 0.168)[int(rng.integers(3))]
+                meta = dict(rel=rel, name=name, part=part, followup=followup, original=original, spacing=spacing,
+                            rgba=bool(rng.random() < cfg.rgba_prob),
+                            truth={"infectious": [f.infectious for f in case.findings]})  # fmt: skip
+                jobs.append(Job(case, root / rel, w, h, _style(cfg, rng, 0.1), meta=meta))
+                i += 1
+                k_image += 1
+    return jobs, {}
+
+
+def finish_nih(cfg, root: Path, jobs: list[Job], results: list[Result], extra: dict) -> None:
+    rows, boxes = [], []
+    for j, r in zip(jobs, results):
+        c, labels = j.case, nih_labels(j.case.findings)
+        rows.append([
+            j.meta["name"], "|".join(sorted(labels)) or "No Finding", j.meta["followup"], c.patient_id, c.age, c.sex,
+            c.view, *j.meta["original"], j.meta["spacing"], j.meta["spacing"], "",
+        ])  # fmt: skip
+        if j.meta["part"] == "test" and "Pneumonia" in labels:  # the real boxes are on test images
+            for x1, y1, x2, y2 in r.boxes:
+                xywh = (f"{v:.6f}" for v in (x1, y1, x2 - x1, y2 - y1))
+                boxes.append([j.meta["name"], "Pneumonia", *xywh, "", "", ""])  # three trailing empties, as released
+    files.atomic_write_bytes(root / "Data_Entry_2017.csv", files.csv_bytes(NIH_HEADER, rows))
+    for part, list_name in (("train_val", "train_val_list.txt"), ("test", "test_list.txt")):
+        names = [j.meta["name"] for j in jobs if j.meta["part"] == part]
+        files.atomic_write_bytes(root / list_name, ("\n".join(names) + "\n").encode())
+    files.atomic_write_bytes(root / "BBox_List_2017.csv", files.csv_bytes(NIH_BBOX_HEADER, boxes))
+
+
 # -------------------------------------------------------------------------------------- driver
 PLANS: dict[str, tuple[Callable, Callable]] = {
     "mimic": (plan_mimic, finish_mimic),
@@ -420,6 +509,7 @@ PLANS: dict[str, tuple[Callable, Callable]] = {
     "siim": (plan_siim, finish_siim),
     "covidx": (plan_covidx, finish_covidx),
     "objcxr": (plan_objcxr, finish_objcxr),
+    "nih": (plan_nih, finish_nih),
 }
 
 

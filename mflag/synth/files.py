@@ -1,4 +1,4 @@
-"""Byte-deterministic writers for the corpus' files: JPEG/PNG images, DICOM, gzipped CSV.
+"""Byte-deterministic writers for the corpus' files: JPEG/PNG (grey or RGBA) images, DICOM, gzipped CSV.
 
 Every writer goes through a temporary file and an atomic rename, and nothing here embeds a time
 stamp or a random UID, so the same pixels always give the same bytes.
@@ -33,17 +33,23 @@ def stable_uid(*parts) -> str:
     return f"{UID_ROOT}.4.{int(h[:8], 16)}.{int(h[8:], 16)}"  # int() leaves no leading zero, as UIDs require
 
 
-def encode_image(img: np.ndarray, fmt: str, quality: int = 90) -> bytes:
+def encode_image(img: np.ndarray, fmt: str, quality: int = 90, rgba: bool = False) -> bytes:
+    """`img` (H, W) uint8 as PNG or JPEG bytes; `rgba` (PNG only): grey replicated to RGB, alpha opaque."""
     buf = io.BytesIO()
     if fmt == "png":
+        if rgba:
+            img = np.dstack([img, img, img, np.full_like(img, 255)])
         Image.fromarray(img).save(buf, format="PNG", optimize=False, compress_level=6)
     else:  # baseline (non-progressive) JPEG, as DICOM JPEG-Baseline and the datasets' .jpg files are
         Image.fromarray(img).save(buf, format="JPEG", quality=quality, progressive=False, optimize=False)
     return buf.getvalue()
 
 
-def write_image(path: Path, img: np.ndarray) -> None:
-    atomic_write_bytes(path, encode_image(img, "png" if path.suffix.lower() == ".png" else "jpg"))
+def write_image(path: Path, img: np.ndarray, rgba: bool = False) -> None:
+    png = path.suffix.lower() == ".png"
+    if rgba and not png:
+        raise ValueError(f"{path}: only a PNG can be written as RGBA")
+    atomic_write_bytes(path, encode_image(img, "png" if png else "jpg", rgba=rgba))
 
 
 def dicom_bytes(
