@@ -115,3 +115,50 @@ def test_review_workflow(repo):
     assert not any(k.startswith("pretrain.") for k in moved), moved
     own = re.compile(r"[a-z_]+\.(mflag|random)\.pct\d+\.[a-z]+(_lo|_hi|_sd)?")
     assert not any(own.fullmatch(k) for k in moved), moved
+
+
+def _lock_entries(repo: Path, stages: list[str]) -> dict:
+    """dvc.lock's entries for `stages` (the matrix entries' names as DVC records them)."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    return {s: lock[s] for s in stages}
+
+
+def test_two_cells_run_side_by_side_record_what_a_sequential_run_records(repo, tmp_path):
+    """docs/scale-out.md's parallel-cell procedure on CPU: two `dvc --wait-for-lock repro --single-item` workers
+    at once in one workspace (as two GPUs or two tasks of slurm/cells.sbatch's array run them). Afterwards both
+    entries are up to date and dvc.lock equals, entry for entry, the one a sequential run in a copy of the same
+    workspace writes; every other entry is left as it was."""
+    dvc = (sys.executable, "-m", "dvc")
+    _run(repo, "git", "checkout", "-q", "--", ".")  # the committed baseline results (test_review_workflow's)
+    _run(repo, *dvc, "checkout", "-q")
+    if not (repo / "dvc.lock").is_file():  # run on its own: the pipeline first
+        _run(repo, *dvc, "repro")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["finetune"]["cls"]["lr"] *= 2  # makes the finetune_cls entries (and collate) pending
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cells = ["finetune_cls@rsna-random", "finetune_cls@covidx-random"]
+    before = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    sequential = tmp_path / "sequential"
+    shutil.copytree(repo, sequential, symlinks=True)
+    for cell in cells:
+        _run(sequential, *dvc, "repro", "--single-item", cell)
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}  # fmt: skip
+    workers = [subprocess.Popen([*dvc, "--wait-for-lock", "repro", "--single-item", cell], cwd=repo, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cell in cells]  # fmt: skip
+    outputs = [w.communicate(timeout=1800)[0] for w in workers]
+    for cell, worker, out in zip(cells, workers, outputs):
+        assert worker.returncode == 0, f"{cell}: {out[-3000:]}"
+        assert f"Running stage '{cell}'" in out, out[-3000:]
+    status = _run(repo, *dvc, "status", *cells).stdout
+    assert "up to date" in status, status
+    assert _lock_entries(repo, cells) == _lock_entries(sequential, cells)
+    after = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert {k: v for k, v in after.items() if k not in cells} == {k: v for k, v in before.items() if k not in cells}
+    assert yaml.safe_load((repo / "dvc.lock").read_text()) == yaml.safe_load((sequential / "dvc.lock").read_text())
+    for cell in cells:  # the outputs themselves, not only their recorded hashes
+        job = f"cls_{cell.split('@')[1].split('-')[0]}"
+        for pct in (1, 10, 100):
+            rel = f"reports/finetune/{job}-{pct}-random/metrics.json"
+            assert (repo / rel).read_bytes() == (sequential / rel).read_bytes(), rel
