@@ -30,11 +30,15 @@ FINETUNE = [f"finetune_{j.task}@{j.dataset}-{e}" for j in JOBS.values() for e in
 pytestmark = pytest.mark.slow
 
 
+def _env() -> dict:
+    # one thread count for every run a test compares: CPU float reductions, and so the cells' bytes, depend on it
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}  # fmt: skip
+
+
 def _run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}  # fmt: skip
-    proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, env=env, timeout=1800)
+    proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, env=_env(), timeout=1800)
     if check:
         assert proc.returncode == 0, f"{args}: {proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -143,9 +147,7 @@ def test_two_cells_run_side_by_side_record_what_a_sequential_run_records(repo, t
     for cell in cells:
         _run(sequential, *dvc, "repro", "--single-item", cell)
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}  # fmt: skip
-    workers = [subprocess.Popen([*dvc, "--wait-for-lock", "repro", "--single-item", cell], cwd=repo, env=env,
+    workers = [subprocess.Popen([*dvc, "--wait-for-lock", "repro", "--single-item", cell], cwd=repo, env=_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cell in cells]  # fmt: skip
     outputs = [w.communicate(timeout=1800)[0] for w in workers]
     for cell, worker, out in zip(cells, workers, outputs):
