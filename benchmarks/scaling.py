@@ -1,5 +1,5 @@
-"""How the data stages' cost grows with the corpus: time and peak memory of split, preprocess and embed_text, and
-the time DVC takes to hash the dataset root, on the synthetic MIMIC corpus at several multiples of the demo's size.
+"""How the data stages' cost grows with the corpus: time and peak memory of split, preprocess and embed_text,
+and the time DVC takes to hash the dataset root, on the synthetic MIMIC corpus at several multiples of the demo's size.
 
 MIMIC is the dataset all of them touch (pretraining reads its cache and embeddings), and its paper-scale size
 is the largest of the study's (377,110 images of all views, about 217,000 of them frontal). For each factor F the corpus is
