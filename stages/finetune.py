@@ -30,10 +30,10 @@ from mflag.config import to_dict
 from mflag.distributed import resolve_device, resolve_precision
 from mflag.finetune.checks import SubsetError, cell_record, check_subsets, trivial_score
 from mflag.finetune.data import TaskData, load_task_data, fingerprint_test_set
-from mflag.finetune.heads import HEAD_FILE, file_sha256, head_metadata, save_head
+from mflag.finetune.heads import HEAD_FILE, head_metadata, save_head
 from mflag.finetune.memo import MemoryMemo
 from mflag.encoders import Encoder, EncoderError, encoder, load_encoder
-from mflag.io import atomic_write, open_live, rounded, write_json
+from mflag.io import atomic_write, file_sha256, open_live, rounded, write_json
 from mflag.jobs import JOBS, PCTS, Job, cell_name
 from mflag.models import resnet50_trunk
 from mflag.params import load_or_exit

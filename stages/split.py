@@ -50,8 +50,8 @@ def main(dataset: str) -> None:
                 print(f"warning: split {dataset}: the {p[3:]} % train subset is empty (MGCA's sample of "
                       f"{record['subsets']['sampled_from']} rows rounds to none): its cells cannot train",
                       file=sys.stderr)  # fmt: skip
-    elif stray_files(dataset, folder):
-        print(f"note: split {dataset}: {folder}/ holds MGCA files ({', '.join(stray_files(dataset, folder))}), "
+    elif stray := stray_files(dataset, folder):
+        print(f"note: split {dataset}: {folder}/ holds MGCA files ({', '.join(stray)}), "
               f"unused: data.{dataset}.split_source is own")  # fmt: skip
 
 

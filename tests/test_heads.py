@@ -20,10 +20,10 @@ from mflag.encoders import Encoder, load_encoder
 from mflag.finetune.classify import ClassifyConfig, accuracy, probe_over_seeds
 from mflag.finetune.data import HALF, TaskData
 from mflag.finetune.detect import DetectConfig, coco_map, train_detector
+from mflag.io import file_sha256
 from mflag.finetune.heads import (
     META_KEY,
     HeadError,
-    file_sha256,
     head_metadata,
     load_cell_model,
     predict,

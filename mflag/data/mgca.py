@@ -15,7 +15,6 @@ an MGCA entry that names no image of the dataset is an error naming the file and
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import pickle
@@ -27,6 +26,7 @@ import pandas as pd
 
 from mflag.data.split import SPLIT_COLUMNS, SPLITS, _write_atomic, order_split_frame
 from mflag.data.table import DataError, DatasetTable, line_of, read_csv_strings
+from mflag.io import file_sha256
 
 MGCA_ROOT = Path("data/mgca_splits")  # <dataset>/ under it: a dep of split@<dataset> (dvc.yaml)
 SEED = 42  # MGCA's random_state in every DataFrame.sample call of mgca/datasets/classification_dataset.py
@@ -92,14 +92,6 @@ def _dropped_key(dataset: str, path: str) -> str:
 
 
 # --------------------------------------------------------------------------------------- files
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class _NumpyOnly(pickle.Unpickler):
     """Unpickles numpy arrays, dtypes and scalars and Python builtins' data; any other global is refused, so a
     pickle cannot run code on load (the pattern of Python's pickle docs, "Restricting Globals")."""
@@ -225,7 +217,7 @@ def assign_from_mgca(
             train_entries = entries
         if filtered:
             counts["not frontal (MGCA keeps Frontal/Lateral == Frontal)"] += filtered
-        files.append({"path": path.as_posix(), "split": split, "sha256": sha256_of(path),
+        files.append({"path": path.as_posix(), "split": split, "sha256": file_sha256(path),
                       "entries": len(entries) + filtered, "used": len(entries), "matched": matched})  # fmt: skip
     for key, splits in listed_in.items():
         split_of[key] = next(s for s in PRECEDENCE if s in splits)

@@ -24,7 +24,6 @@ or ``seed`` (seg, det). docs/contracts.md ("A cell's head"); usage: docs/heads.m
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from mflag.encoders import Encoder, EncoderError, load_encoder
-from mflag.io import atomic_write
+from mflag.io import atomic_write, file_sha256
 
 if TYPE_CHECKING:
     from mflag.jobs import Job
@@ -62,14 +61,6 @@ class Cell:
     config: object
     meta: dict
     path: Path
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ writing
