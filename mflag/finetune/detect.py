@@ -606,7 +606,7 @@ def train_detector(
     train_truths = _scaled_truths(boxes, train_rows, scale)
     valid_truths = _scaled_truths(boxes, valid_rows, scale)
 
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     n_train = len(train_rows)
     best_map, best_epoch, best_state, waited, epochs_run = -math.inf, 0, copy.deepcopy(head.state_dict()), 0, 0
     best_valid_map = float("nan")

@@ -351,7 +351,7 @@ def train_segmenter(
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     gen = torch.Generator().manual_seed(seed)  # order and augmentation, on the CPU
 
     on_device = {
