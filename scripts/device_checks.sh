@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks, as one prepared script (docs/gpu.md): the tests' CUDA cases, the pretraining throughput
-# benchmark at the paper's sizes (this pipeline, the compute bound and the reference design in one run), and
-# all_reduce over NCCL with every GPU the machine has. Run from the repository root in an environment with the
+# benchmark at the paper's sizes (this pipeline, the compute bound and the reference design in one run),
+# all_reduce over NCCL with every GPU the machine has, and the fine-tune cells' paths timed at the paper's sizes. Run from the repository root in an environment with the
 # project installed:
 #
 #   bash scripts/device_checks.sh [OUT]        # OUT: where the logs go (default: $OUT, else device-checks/)
 #
-# Each step has its own time limit (seconds, environment: MFLAG_TEST_S 300, MFLAG_BENCH_S 240, MFLAG_NCCL_S 120)
+# Each step has its own time limit (seconds, environment: MFLAG_TEST_S 300, MFLAG_BENCH_S 240, MFLAG_NCCL_S 120,
+# MFLAG_CELL_S 120)
 # so that one hung step cannot use a lent machine's whole time; a step that fails or runs out is reported and
 # the next one still runs. The exit status is the number of steps that did not pass. Without a CUDA device it
 # says so and stops (status 0): there is nothing here a CPU can check that the test suite does not.
@@ -51,6 +52,9 @@ step throughput "${MFLAG_BENCH_S:-240}" python benchmarks/pretrain_step.py --dev
     --crop 224 --workers 8 --steps 20 --warmup 5
 # 3. NCCL: all_reduce across every GPU (one GPU: a world of one, which checks the set-up but no transfer)
 step nccl "${MFLAG_NCCL_S:-120}" torchrun --standalone --nproc_per_node="$gpus" benchmarks/allreduce.py --mb 256
+# 4. the fine-tune cells' paths (frozen encoder, U-Net, YOLOv3 head) and the pretraining step at 224 px, timed:
+#    docs/scaling.md's GPU-hours of the cells are estimated from operation counts until this has run
+step cell_cost "${MFLAG_CELL_S:-120}" python benchmarks/cell_cost.py --time --device cuda --batch 64 --steps 10
 
 echo "device checks: $failures step(s) did not pass; logs in $out/" | tee -a "$summary"
 exit "$failures"

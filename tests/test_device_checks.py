@@ -1,6 +1,7 @@
-"""The prepared GPU checks (scripts/device_checks.sh, benchmarks/allreduce.py) on a CPU-only machine: the
-all_reduce check runs over gloo with two processes and finds the sum every rank must hold, and the device
-script stops cleanly, saying why, where there is no CUDA device."""
+"""The prepared GPU checks (scripts/device_checks.sh, benchmarks/allreduce.py, benchmarks/cell_cost.py) on a
+CPU-only machine: the all_reduce check runs over gloo with two processes and finds the sum every rank must
+hold, the device script stops cleanly, saying why, where there is no CUDA device, and the cell-cost benchmark
+counts a ResNet-50 as torchvision publishes it."""
 
 from __future__ import annotations
 
@@ -39,3 +40,23 @@ def test_device_script_without_cuda_says_so_and_passes(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no CUDA device" in (tmp_path / "out/summary.txt").read_text()
     assert "devices 0" in (tmp_path / "out/device.txt").read_text()
+
+
+def test_cell_cost_counts_resnet50_as_torchvision_publishes_it():
+    """benchmarks/cell_cost.py's operation counts: the frozen encoder's forward at 224 px against torchvision's
+    own figure for ResNet-50 (4.089 G multiply-adds, the weights' `_ops` metadata, = 2 x 4.089 GFLOP), and the
+    pretraining step about three forwards (backward = weight and input gradients, the first conv's input
+    gradient skipped)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import cell_cost
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from torchvision.models import ResNet50_Weights
+
+    cpu = torch.device("cpu")
+    forward = cell_cost.flops_per_image(cell_cost.PATHS["cls"][0], cpu)
+    published = 2e9 * ResNet50_Weights.IMAGENET1K_V1.meta["_ops"]
+    assert forward == pytest.approx(published, rel=0.01)
+    step = cell_cost.flops_per_image(cell_cost.PATHS["pretrain"][0], cpu)
+    assert 2.9 < step / forward < 3.1
