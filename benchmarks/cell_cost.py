@@ -28,10 +28,11 @@ import argparse
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mflag.finetune.detect import YOLO_WIDTHS, YoloHead, yolo_loss
+from mflag.finetune.detect import build_detector, yolo_loss
 from mflag.finetune.segment import build_unet, segmentation_loss
 from mflag.losses import alignment_loss, orthogonality_loss
 from mflag.models import MFLAG, resnet50_trunk
@@ -75,17 +76,12 @@ def _seg(device: torch.device) -> Callable[[int], None]:
 
 
 def _det(device: torch.device) -> Callable[[int], None]:
-    trunk = resnet50_trunk().to(device).eval()
-    head = YoloHead(widths=YOLO_WIDTHS).to(device).train()
+    model = build_detector(resnet50_trunk().state_dict(), seed=0).to(device)
+    model.train()  # the neck and head train; YoloDetector keeps its frozen trunk in eval
 
     def run(b: int) -> None:
-        with torch.no_grad():
-            x = trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(torch.randn(b, 3, SIZE, SIZE, device=device)))))
-            c2 = trunk.layer2(trunk.layer1(x))
-            c3 = trunk.layer3(c2)
-            c4 = trunk.layer4(c3)
-        boxes = [torch.tensor([[40.0, 50.0, 120.0, 150.0]]).numpy() for _ in range(b)]
-        loss, _ = yolo_loss([o.float() for o in head(c2, c3, c4)], boxes, SIZE)
+        boxes = [np.array([[40.0, 50.0, 120.0, 150.0]], np.float32)] * b
+        loss, _ = yolo_loss([o.float() for o in model(torch.randn(b, 3, SIZE, SIZE, device=device))], boxes, SIZE)
         loss.backward()
 
     return run

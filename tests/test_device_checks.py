@@ -5,6 +5,7 @@ counts a ResNet-50 as torchvision publishes it."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -47,11 +48,9 @@ def test_cell_cost_counts_resnet50_as_torchvision_publishes_it():
     own figure for ResNet-50 (4.089 G multiply-adds, the weights' `_ops` metadata, = 2 x 4.089 GFLOP), and the
     pretraining step about three forwards (backward = weight and input gradients, the first conv's input
     gradient skipped)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import cell_cost
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("cell_cost", REPO / "benchmarks/cell_cost.py")
+    cell_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cell_cost)
     from torchvision.models import ResNet50_Weights
 
     cpu = torch.device("cpu")
